@@ -1,0 +1,116 @@
+// msda: multi-scale deformable attention (Deformable DETR's MSDeformAttn operator), forward and
+// backward, over raw memory. The operator, its precision and its bad-input rules are those of
+// shared/SPEC.md; this header is the whole public C++ API and depends on nothing but the standard
+// library.
+//
+// Tensors (all contiguous, row-major, 64-bit element offsets):
+//   value               [N, S, M, D]        value_dtype
+//   sampling_locations  [N, Q, M, L, P, 2]  location_dtype   (x along W, y along H, 0..1 = map)
+//   attention_weights   [N, Q, M, L, P]     weight_dtype
+//   output              [N, Q, M*D]         value_dtype
+// Each gradient has the shape and dtype of its input; grad_output has the output's.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace msda {
+
+enum class DType : std::uint8_t { f32, f64, bf16, f16 };
+
+std::string_view name(DType dtype) noexcept;
+std::size_t size_of(DType dtype) noexcept;
+
+// The one exception type of the library: every rejected input names the argument, what was
+// expected and what it got. Derives from std::invalid_argument so generic handlers catch it.
+class Error : public std::invalid_argument {
+ public:
+  Error(std::string argument, std::string expected, std::string actual);
+  const std::string& argument() const noexcept { return argument_; }
+  const std::string& expected() const noexcept { return expected_; }
+  const std::string& actual() const noexcept { return actual_; }
+
+ private:
+  std::string argument_, expected_, actual_;
+};
+
+struct Level {
+  std::int64_t height = 0;  // H_l
+  std::int64_t width = 0;   // W_l
+};
+
+// One MSDA problem: the sizes of SPEC's tensors and their dtypes. Letters are SPEC's.
+struct Problem {
+  std::int64_t batch = 0;      // N
+  std::int64_t value_len = 0;  // S: rows of value per batch element, must equal sum of H_l*W_l
+  std::int64_t heads = 0;      // M
+  std::int64_t channels = 0;   // D, per head
+  std::int64_t queries = 0;    // Q
+  std::int64_t points = 0;     // P, per head and level
+  std::vector<Level> levels;   // L entries: spatial_shapes
+  std::vector<std::int64_t> level_start_index;  // L entries, as the caller's tensor holds them
+  DType value_dtype = DType::f32;
+  DType location_dtype = DType::f32;  // value_dtype, or f32
+  DType weight_dtype = DType::f32;    // value_dtype, or f32
+
+  std::int64_t num_levels() const noexcept { return static_cast<std::int64_t>(levels.size()); }
+};
+
+// level_start_index for the given levels: 0, H_0*W_0, H_0*W_0 + H_1*W_1, ...
+std::vector<std::int64_t> level_starts(const std::vector<Level>& levels);
+
+// Throws Error if the problem breaks any rule of SPEC's "Bad input" (zero L, P or D, negative
+// sizes, non-positive H or W, level_start_index or S inconsistent with the levels, a dtype mix
+// SPEC does not allow, element counts or byte offsets that overflow 64 bits).
+void validate(const Problem& problem);
+
+// For bindings that hold tensors: the sizes of SPEC's five tensors, checked for rank and for
+// agreement with each other, plus the contents of spatial_shapes ([L, 2], row-major) and
+// level_start_index ([L]). Returns the validated Problem or throws Error naming the tensor.
+struct TensorSizes {
+  std::vector<std::int64_t> value, spatial_shapes, level_start_index, sampling_locations,
+      attention_weights;
+};
+Problem describe(const TensorSizes& sizes, const std::int64_t* spatial_shapes,
+                 const std::int64_t* level_start_index, DType value_dtype, DType location_dtype,
+                 DType weight_dtype);
+// Throws Error unless grad_output has the output's sizes [N, Q, M*D].
+void check_grad_output_sizes(const Problem& problem, const std::vector<std::int64_t>& sizes);
+
+enum class Backend : std::uint8_t {
+  automatic,  // the fastest backend available for the problem (today: cpu)
+  reference,  // scalar loops that read like SPEC, double accumulation; the tests' oracle
+  cpu,        // multi-threaded CPU kernels
+};
+std::string_view name(Backend backend) noexcept;
+
+struct Options {
+  int threads = 0;  // 0: OpenMP's default (omp_get_max_threads); results never depend on it
+  Backend backend = Backend::automatic;
+};
+
+struct Inputs {
+  const void* value = nullptr;
+  const void* sampling_locations = nullptr;
+  const void* attention_weights = nullptr;
+};
+
+// Null members are gradients the caller does not want: they are neither computed nor written.
+struct Gradients {
+  void* value = nullptr;               // [N, S, M, D], fully overwritten (no accumulation)
+  void* sampling_locations = nullptr;  // [N, Q, M, L, P, 2]
+  void* attention_weights = nullptr;   // [N, Q, M, L, P]
+};
+
+// output = MSDA(inputs). Validates the problem first; throws Error on bad input.
+void forward(const Problem& problem, const Inputs& inputs, void* output, const Options& options = {});
+
+// The gradients of sum(grad_output * output) with respect to each input. Deterministic: bitwise
+// identical across runs and thread counts.
+void backward(const Problem& problem, const Inputs& inputs, const void* grad_output,
+              const Gradients& gradients, const Options& options = {});
+
+}  // namespace msda

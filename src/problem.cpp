@@ -1,0 +1,217 @@
+// The problem's shape math and every check of SPEC's "Bad input", in one place: backends may
+// assume a validated Problem and never check again.
+#include <limits>
+#include <sstream>
+
+#include "msda/msda.h"
+
+namespace msda {
+namespace {
+
+constexpr std::int64_t kMax = std::numeric_limits<std::int64_t>::max();
+
+std::string str(std::int64_t x) { return std::to_string(x); }
+
+std::string str(const std::vector<std::int64_t>& sizes) {
+  std::ostringstream out;
+  out << '[';
+  for (std::size_t i = 0; i < sizes.size(); ++i) out << (i ? ", " : "") << sizes[i];
+  out << ']';
+  return out.str();
+}
+
+std::string rank_str(const std::vector<std::int64_t>& sizes) {
+  return str(static_cast<std::int64_t>(sizes.size())) + " dimensions " + str(sizes);
+}
+
+// a*b*... with overflow detection; `what` names the product in the error.
+std::int64_t checked_product(std::initializer_list<std::int64_t> factors, const std::string& argument,
+                             const std::string& what) {
+  std::int64_t result = 1;
+  std::string expression;
+  for (std::int64_t f : factors) {
+    expression += (expression.empty() ? "" : "*") + str(f);
+    if (__builtin_mul_overflow(result, f, &result))
+      throw Error(argument, what + " to fit in 64-bit offsets", expression + " overflows");
+  }
+  return result;
+}
+
+void require_nonnegative(std::int64_t x, const char* argument) {
+  if (x < 0) throw Error(argument, ">= 0", str(x));
+}
+
+void require_positive(std::int64_t x, const char* argument) {
+  if (x < 1) throw Error(argument, ">= 1", str(x));
+}
+
+void check_sample_dtype(DType value, DType sample, const char* argument) {
+  if (sample == value || sample == DType::f32) return;
+  throw Error(argument, "dtype " + std::string(name(value)) + " (value's) or f32",
+              std::string(name(sample)));
+}
+
+}  // namespace
+
+Error::Error(std::string argument, std::string expected, std::string actual)
+    : std::invalid_argument("msda: " + argument + ": expected " + expected + ", got " + actual),
+      argument_(std::move(argument)),
+      expected_(std::move(expected)),
+      actual_(std::move(actual)) {}
+
+std::string_view name(DType dtype) noexcept {
+  switch (dtype) {
+    case DType::f32: return "f32";
+    case DType::f64: return "f64";
+    case DType::bf16: return "bf16";
+    case DType::f16: return "f16";
+  }
+  return "unknown dtype";
+}
+
+std::size_t size_of(DType dtype) noexcept {
+  switch (dtype) {
+    case DType::f32: return 4;
+    case DType::f64: return 8;
+    case DType::bf16:
+    case DType::f16: return 2;
+  }
+  return 0;
+}
+
+std::string_view name(Backend backend) noexcept {
+  switch (backend) {
+    case Backend::automatic: return "automatic";
+    case Backend::reference: return "reference";
+    case Backend::cpu: return "cpu";
+  }
+  return "unknown backend";
+}
+
+std::vector<std::int64_t> level_starts(const std::vector<Level>& levels) {
+  std::vector<std::int64_t> starts;
+  starts.reserve(levels.size());
+  std::int64_t start = 0;
+  for (const Level& level : levels) {
+    starts.push_back(start);
+    start += level.height * level.width;
+  }
+  return starts;
+}
+
+void validate(const Problem& p) {
+  require_nonnegative(p.batch, "batch (N)");
+  require_nonnegative(p.queries, "queries (Q)");
+  require_nonnegative(p.heads, "heads (M)");
+  require_positive(p.channels, "channels (D)");
+  require_positive(p.points, "points (P)");
+  if (p.levels.empty()) throw Error("spatial_shapes", "at least 1 level (L >= 1)", "L = 0");
+  require_nonnegative(p.value_len, "value_len (S)");
+
+  std::int64_t total_rows = 0;
+  for (std::size_t l = 0; l < p.levels.size(); ++l) {
+    const Level& level = p.levels[l];
+    const std::string argument = "spatial_shapes[" + std::to_string(l) + "]";
+    if (level.height < 1 || level.width < 1)
+      throw Error(argument, "H >= 1 and W >= 1", "(" + str(level.height) + ", " + str(level.width) + ")");
+    const std::int64_t rows = checked_product({level.height, level.width}, argument, "H*W");
+    if (__builtin_add_overflow(total_rows, rows, &total_rows))
+      throw Error("spatial_shapes", "sum of H*W to fit in 64 bits", "an overflow at level " + std::to_string(l));
+  }
+
+  if (p.level_start_index.size() != p.levels.size())
+    throw Error("level_start_index", str(p.num_levels()) + " entries (one per level)",
+                str(static_cast<std::int64_t>(p.level_start_index.size())));
+  const std::vector<std::int64_t> starts = level_starts(p.levels);
+  for (std::size_t l = 0; l < starts.size(); ++l) {
+    if (p.level_start_index[l] != starts[l])
+      throw Error("level_start_index[" + std::to_string(l) + "]",
+                  str(starts[l]) + " (sum of H*W of the levels before it) for spatial_shapes " +
+                      [&] {
+                        std::string s;
+                        for (const Level& level : p.levels)
+                          s += "(" + str(level.height) + "," + str(level.width) + ")";
+                        return s;
+                      }(),
+                  str(p.level_start_index[l]));
+  }
+  if (p.value_len != total_rows)
+    throw Error("value", "S = " + str(total_rows) + " rows (sum of H*W over the levels)",
+                "S = " + str(p.value_len));
+
+  check_sample_dtype(p.value_dtype, p.location_dtype, "sampling_locations");
+  check_sample_dtype(p.value_dtype, p.weight_dtype, "attention_weights");
+
+  // Every element offset, and every byte offset, must fit in int64 (the kernels use 64-bit
+  // indexing throughout; this is what makes that sufficient).
+  const auto bytes = [](std::int64_t elements, DType dtype, const char* argument) {
+    std::int64_t b;
+    if (__builtin_mul_overflow(elements, static_cast<std::int64_t>(size_of(dtype)), &b))
+      throw Error(argument, "a byte size that fits in 64 bits", str(elements) + " elements");
+  };
+  const std::int64_t L = p.num_levels();
+  // Products that stay meaningful when N or Q is zero (the row widths of the tensors).
+  checked_product({p.heads, p.channels}, "value", "M*D");
+  checked_product({p.value_len, p.heads, p.channels}, "value", "S*M*D");
+  checked_product({p.heads, L, p.points, 2}, "sampling_locations", "M*L*P*2");
+  bytes(checked_product({p.batch, p.value_len, p.heads, p.channels}, "value", "N*S*M*D"), p.value_dtype, "value");
+  bytes(checked_product({p.batch, p.queries, p.heads, L, p.points, 2}, "sampling_locations", "N*Q*M*L*P*2"),
+        p.location_dtype, "sampling_locations");
+  bytes(checked_product({p.batch, p.queries, p.heads, L, p.points}, "attention_weights", "N*Q*M*L*P"),
+        p.weight_dtype, "attention_weights");
+  bytes(checked_product({p.batch, p.queries, p.heads, p.channels}, "output", "N*Q*M*D"), p.value_dtype, "output");
+}
+
+Problem describe(const TensorSizes& sizes, const std::int64_t* spatial_shapes,
+                 const std::int64_t* level_start_index, DType value_dtype, DType location_dtype,
+                 DType weight_dtype) {
+  const auto& v = sizes.value;
+  const auto& ss = sizes.spatial_shapes;
+  const auto& ls = sizes.level_start_index;
+  const auto& loc = sizes.sampling_locations;
+  const auto& w = sizes.attention_weights;
+  if (v.size() != 4) throw Error("value", "4 dimensions [N, S, M, D]", rank_str(v));
+  if (ss.size() != 2 || ss[1] != 2) throw Error("spatial_shapes", "2 dimensions [L, 2]", rank_str(ss));
+  if (ls.size() != 1) throw Error("level_start_index", "1 dimension [L]", rank_str(ls));
+  if (loc.size() != 6) throw Error("sampling_locations", "6 dimensions [N, Q, M, L, P, 2]", rank_str(loc));
+  if (w.size() != 5) throw Error("attention_weights", "5 dimensions [N, Q, M, L, P]", rank_str(w));
+  for (const auto* t : {&v, &ss, &ls, &loc, &w})
+    for (std::int64_t s : *t)
+      if (s < 0) throw Error("tensor sizes", "non-negative sizes", str(*t));
+
+  const std::int64_t N = v[0], S = v[1], M = v[2], D = v[3], L = ss[0];
+  if (ls[0] != L)
+    throw Error("level_start_index", "[L] = [" + str(L) + "] (L from spatial_shapes)", str(ls));
+  const std::vector<std::int64_t> expected_loc{N, loc[1], M, L, loc[4], 2};
+  if (loc != expected_loc)
+    throw Error("sampling_locations", "sizes [N, Q, M, L, P, 2] = " + str(expected_loc) +
+                                          " (N, M from value; L from spatial_shapes)",
+                str(loc));
+  const std::vector<std::int64_t> expected_w(loc.begin(), loc.end() - 1);
+  if (w != expected_w)
+    throw Error("attention_weights", "sizes [N, Q, M, L, P] = " + str(expected_w) + " (from sampling_locations)",
+                str(w));
+
+  Problem p;
+  p.batch = N;
+  p.value_len = S;
+  p.heads = M;
+  p.channels = D;
+  p.queries = loc[1];
+  p.points = loc[4];
+  p.levels.resize(static_cast<std::size_t>(L));
+  p.level_start_index.assign(level_start_index, level_start_index + L);
+  for (std::int64_t l = 0; l < L; ++l) p.levels[l] = Level{spatial_shapes[2 * l], spatial_shapes[2 * l + 1]};
+  p.value_dtype = value_dtype;
+  p.location_dtype = location_dtype;
+  p.weight_dtype = weight_dtype;
+  validate(p);
+  return p;
+}
+
+void check_grad_output_sizes(const Problem& p, const std::vector<std::int64_t>& sizes) {
+  const std::vector<std::int64_t> expected{p.batch, p.queries, p.heads * p.channels};
+  if (sizes != expected) throw Error("grad_output", "sizes [N, Q, M*D] = " + str(expected), str(sizes));
+}
+
+}  // namespace msda
