@@ -1,0 +1,107 @@
+// The public entry points: problem -> checks -> backend. Nothing here computes.
+#include <omp.h>
+
+#include "cpu/cpu.h"
+#include "msda/msda.h"
+#include "params.h"
+#include "reference/reference.h"
+
+namespace msda {
+namespace {
+
+int resolve_threads(int requested) {
+  if (requested < 0) throw Error("options.threads", ">= 0 (0 = OpenMP's default)", std::to_string(requested));
+  return requested > 0 ? requested : std::max(1, omp_get_max_threads());
+}
+
+Backend resolve_backend(Backend requested) {
+  switch (requested) {
+    case Backend::automatic:
+    case Backend::cpu: return Backend::cpu;
+    case Backend::reference: return Backend::reference;
+  }
+  throw Error("options.backend", "automatic, reference or cpu",
+              std::to_string(static_cast<int>(requested)));
+}
+
+// A tensor with elements needs memory behind it; an empty one may be null.
+void require_pointer(const void* pointer, std::int64_t elements, const char* argument) {
+  if (pointer == nullptr && elements > 0)
+    throw Error(argument, "a pointer to " + std::to_string(elements) + " elements", "nullptr");
+}
+
+struct Counts {
+  std::int64_t value, samples, output;
+};
+
+Counts counts(const Problem& p) {
+  return {p.batch * p.value_len * p.heads * p.channels, p.batch * p.queries * p.heads * p.num_levels() * p.points,
+          p.batch * p.queries * p.heads * p.channels};
+}
+
+}  // namespace
+
+Params make_params(const Problem& problem, int threads) {
+  Params params;
+  params.problem = &problem;
+  params.N = problem.batch;
+  params.S = problem.value_len;
+  params.M = problem.heads;
+  params.D = problem.channels;
+  params.Q = problem.queries;
+  params.L = problem.num_levels();
+  params.P = problem.points;
+  for (const Level& level : problem.levels) {
+    params.height.push_back(level.height);
+    params.width.push_back(level.width);
+  }
+  params.level_start = level_starts(problem.levels);
+  params.threads = threads;
+  return params;
+}
+
+void forward(const Problem& problem, const Inputs& inputs, void* output, const Options& options) {
+  validate(problem);
+  const Counts n = counts(problem);
+  require_pointer(inputs.value, n.value, "value");
+  require_pointer(inputs.sampling_locations, 2 * n.samples, "sampling_locations");
+  require_pointer(inputs.attention_weights, n.samples, "attention_weights");
+  require_pointer(output, n.output, "output");
+  Params params = make_params(problem, resolve_threads(options.threads));
+  const Backend backend = resolve_backend(options.backend);
+  if (n.output == 0) return;
+  params.value = inputs.value;
+  params.locations = inputs.sampling_locations;
+  params.weights = inputs.attention_weights;
+  params.output = output;
+  switch (backend) {
+    case Backend::reference: return reference::forward(params);
+    default: return cpu::forward(params);
+  }
+}
+
+void backward(const Problem& problem, const Inputs& inputs, const void* grad_output, const Gradients& gradients,
+              const Options& options) {
+  validate(problem);
+  const Counts n = counts(problem);
+  require_pointer(inputs.value, n.value, "value");
+  require_pointer(inputs.sampling_locations, 2 * n.samples, "sampling_locations");
+  require_pointer(inputs.attention_weights, n.samples, "attention_weights");
+  require_pointer(grad_output, n.output, "grad_output");
+  Params params = make_params(problem, resolve_threads(options.threads));
+  const Backend backend = resolve_backend(options.backend);
+  if (n.value == 0 && n.samples == 0) return;
+  params.value = inputs.value;
+  params.locations = inputs.sampling_locations;
+  params.weights = inputs.attention_weights;
+  params.grad_output = grad_output;
+  params.grad_value = gradients.value;
+  params.grad_locations = gradients.sampling_locations;
+  params.grad_weights = gradients.attention_weights;
+  switch (backend) {
+    case Backend::reference: return reference::backward(params);
+    default: return cpu::backward(params);
+  }
+}
+
+}  // namespace msda

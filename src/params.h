@@ -1,0 +1,46 @@
+// The one struct that carries a validated problem to a backend (FlashAttention's Flash_fwd_params
+// idea): sizes unpacked into SPEC's letters, per-level geometry, the caller's pointers, and the
+// thread count. Backends read it and never look back at the API types.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "msda/msda.h"
+
+namespace msda {
+
+struct Params {
+  const Problem* problem = nullptr;
+  std::int64_t N = 0, S = 0, M = 0, D = 0, Q = 0, L = 0, P = 0;
+  std::vector<std::int64_t> height, width, level_start;  // per level
+
+  const void* value = nullptr;
+  const void* locations = nullptr;
+  const void* weights = nullptr;
+  const void* grad_output = nullptr;  // backward only
+  void* output = nullptr;             // forward only
+  void* grad_value = nullptr;         // backward; null = not wanted
+  void* grad_locations = nullptr;
+  void* grad_weights = nullptr;
+
+  int threads = 1;  // resolved: >= 1
+
+  // Flat offsets, 64-bit. The sample (n, q, m, l, p) lives at sample_index * 2 in
+  // sampling_locations and at sample_index in attention_weights.
+  std::int64_t sample_index(std::int64_t n, std::int64_t q, std::int64_t m, std::int64_t l, std::int64_t p) const {
+    return (((n * Q + q) * M + m) * L + l) * P + p;
+  }
+  // First element of value[n, row, m, :] (and of grad_value's).
+  std::int64_t value_offset(std::int64_t n, std::int64_t row, std::int64_t m) const {
+    return ((n * S + row) * M + m) * D;
+  }
+  // First element of output[n, q, m*D : (m+1)*D] (and of grad_output's).
+  std::int64_t output_offset(std::int64_t n, std::int64_t q, std::int64_t m) const {
+    return ((n * Q + q) * M + m) * D;
+  }
+};
+
+Params make_params(const Problem& problem, int threads);
+
+}  // namespace msda
