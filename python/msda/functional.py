@@ -1,0 +1,48 @@
+"""The op, and the grid-sample formulation it replaces (the baseline of every benchmark)."""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _library  # noqa: F401  (registers torch.ops.msda)
+
+
+def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+                   sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+                   im2col_step: Optional[int] = None) -> torch.Tensor:
+    """Multi-scale deformable attention, as ../shared/SPEC.md defines it.
+
+    value [N, S, M, D]; spatial_shapes [L, 2] (H, W); level_start_index [L];
+    sampling_locations [N, Q, M, L, P, 2] (x, y in 0..1); attention_weights [N, Q, M, L, P].
+    Returns [N, Q, M*D] in value's dtype. Locations and weights may be float32 beside a
+    bfloat16/float16 value (they stay float32 inside the kernel). im2col_step is accepted for
+    compatibility with Deformable DETR and mmcv and ignored: any batch size works.
+    """
+    return torch.ops.msda.ms_deform_attn(value, spatial_shapes, level_start_index, sampling_locations,
+                                         attention_weights, im2col_step)
+
+
+def ms_deform_attn_pytorch(value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor,
+                           attention_weights: torch.Tensor) -> torch.Tensor:
+    """The same operator built from torch.nn.functional.grid_sample, one level at a time.
+
+    This is what every CPU user of MSDA runs today. It materialises a [N*M, D, Q, P] tensor per
+    level, and grid_sample needs the grid in value's dtype, so with a bfloat16 value the
+    locations are rounded to bfloat16 (about 1/256 of the map).
+    """
+    n, _, m, d = value.shape
+    _, q, _, num_levels, p, _ = sampling_locations.shape
+    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
+    per_level = value.split([h * w for h, w in shapes], dim=1)
+    grids = (2 * sampling_locations - 1).to(value.dtype)  # grid_sample's [-1, 1] convention
+    sampled = []
+    for level, (h, w) in enumerate(shapes):
+        # [N, H*W, M, D] -> [N*M, D, H, W]
+        v = per_level[level].permute(0, 2, 3, 1).reshape(n * m, d, h, w)
+        # [N, Q, M, P, 2] -> [N*M, Q, P, 2]
+        g = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        sampled.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    # [N*M, D, Q, L*P] weighted by [N*M, 1, Q, L*P], summed over samples.
+    weights = attention_weights.transpose(1, 2).reshape(n * m, 1, q, num_levels * p).to(value.dtype)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)
+    return out.view(n, m * d, q).transpose(1, 2).contiguous()

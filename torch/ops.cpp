@@ -1,0 +1,123 @@
+// Tensors -> msda::Problem -> the core library. Only what is about tensors is checked here
+// (devices, dtypes that have no msda::DType, index tensors); every size rule is the core's.
+#include "ops.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+#include <vector>
+
+#include "msda/msda.h"
+
+namespace msda::torch_ops {
+namespace {
+
+std::string str(const c10::ScalarType t) { return c10::toString(t); }
+
+DType dtype_of(const at::Tensor& t, const char* argument) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::f32;
+    case at::kDouble: return DType::f64;
+    case at::kBFloat16: return DType::bf16;
+    case at::kHalf: return DType::f16;
+    default: throw Error(argument, "a floating dtype (float32, float64, bfloat16 or float16)", str(t.scalar_type()));
+  }
+}
+
+at::Tensor index_tensor(const at::Tensor& t, const char* argument) {
+  if (t.scalar_type() != at::kLong && t.scalar_type() != at::kInt)
+    throw Error(argument, "an integer tensor (int64 or int32)", str(t.scalar_type()));
+  return t.to(at::kLong).contiguous();
+}
+
+struct Prepared {
+  Problem problem;
+  at::Tensor value, locations, weights;
+};
+
+Prepared prepare(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                 const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+  const std::pair<const at::Tensor*, const char*> tensors[] = {{&value, "value"},
+                                                               {&spatial_shapes, "spatial_shapes"},
+                                                               {&level_start_index, "level_start_index"},
+                                                               {&sampling_locations, "sampling_locations"},
+                                                               {&attention_weights, "attention_weights"}};
+  for (const auto& [t, argument] : tensors) {
+    if (!t->defined()) throw Error(argument, "a tensor", "None (an undefined tensor)");
+    if (t->device() != value.device())
+      throw Error(argument, "the device of value (" + value.device().str() + ")", t->device().str());
+  }
+  if (!value.device().is_cpu())
+    throw Error("value", "a CPU tensor (msda has no kernel for this device yet)", value.device().str());
+
+  const at::Tensor shapes = index_tensor(spatial_shapes, "spatial_shapes");
+  const at::Tensor starts = index_tensor(level_start_index, "level_start_index");
+  TensorSizes sizes{value.sizes().vec(), shapes.sizes().vec(), starts.sizes().vec(),
+                    sampling_locations.sizes().vec(), attention_weights.sizes().vec()};
+  Prepared p;
+  p.problem = describe(sizes, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), dtype_of(value, "value"),
+                       dtype_of(sampling_locations, "sampling_locations"),
+                       dtype_of(attention_weights, "attention_weights"));
+  p.value = value.contiguous();
+  p.locations = sampling_locations.contiguous();
+  p.weights = attention_weights.contiguous();
+  return p;
+}
+
+Options options() { return Options{at::get_num_threads(), Backend::automatic}; }
+
+// msda::Error becomes c10::ValueError (Python ValueError) with the core's message.
+template <class F>
+auto translating_errors(F&& f) {
+  try {
+    return f();
+  } catch (const Error& e) {
+    TORCH_CHECK_VALUE(false, e.what());
+  }
+}
+
+}  // namespace
+
+at::Tensor forward(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                   const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+                   c10::optional<int64_t> /*im2col_step: accepted for compatibility, no rule attached*/) {
+  return translating_errors([&] {
+    Prepared p = prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+    const Problem& pr = p.problem;
+    at::Tensor output = at::empty({pr.batch, pr.queries, pr.heads * pr.channels}, p.value.options());
+    msda::forward(pr, {p.value.data_ptr(), p.locations.data_ptr(), p.weights.data_ptr()}, output.data_ptr(),
+                  options());
+    return output;
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor& value,
+                                                        const at::Tensor& spatial_shapes,
+                                                        const at::Tensor& level_start_index,
+                                                        const at::Tensor& sampling_locations,
+                                                        const at::Tensor& attention_weights,
+                                                        std::array<bool, 3> output_mask) {
+  return translating_errors([&] {
+    Prepared p = prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+    if (!grad_output.defined()) throw Error("grad_output", "a tensor", "None (an undefined tensor)");
+    if (grad_output.device() != value.device())
+      throw Error("grad_output", "the device of value (" + value.device().str() + ")", grad_output.device().str());
+    if (grad_output.scalar_type() != value.scalar_type())
+      throw Error("grad_output", "the dtype of value (" + str(value.scalar_type()) + ")",
+                  str(grad_output.scalar_type()));
+    check_grad_output_sizes(p.problem, grad_output.sizes().vec());
+    const at::Tensor g = grad_output.contiguous();
+
+    at::Tensor grad_value, grad_locations, grad_weights;
+    if (output_mask[0]) grad_value = at::empty_like(p.value);
+    if (output_mask[1]) grad_locations = at::empty_like(p.locations);
+    if (output_mask[2]) grad_weights = at::empty_like(p.weights);
+    auto ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; };
+    msda::backward(p.problem, {p.value.data_ptr(), p.locations.data_ptr(), p.weights.data_ptr()}, g.data_ptr(),
+                   {ptr(grad_value), ptr(grad_locations), ptr(grad_weights)}, options());
+    return std::make_tuple(grad_value, grad_locations, grad_weights);
+  });
+}
+
+}  // namespace msda::torch_ops

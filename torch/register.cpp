@@ -1,0 +1,83 @@
+// Registers msda::ms_deform_attn (differentiable) and msda::ms_deform_attn_backward with the
+// PyTorch dispatcher, so Python (torch.ops.msda) and C++ libtorch programs call the same op.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+namespace msda::torch_ops {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor call_forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                        const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                        const at::Tensor& attention_weights, c10::optional<int64_t> im2col_step) {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("msda::ms_deform_attn", "").typed<decltype(forward)>();
+  return op.call(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, im2col_step);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(const at::Tensor& grad_output, const at::Tensor& value,
+                                                             const at::Tensor& spatial_shapes,
+                                                             const at::Tensor& level_start_index,
+                                                             const at::Tensor& sampling_locations,
+                                                             const at::Tensor& attention_weights,
+                                                             std::array<bool, 3> output_mask) {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("msda::ms_deform_attn_backward", "").typed<decltype(backward)>();
+  return op.call(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                 output_mask);
+}
+
+class MSDeformAttnFunction : public torch::autograd::Function<MSDeformAttnFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& value, const at::Tensor& spatial_shapes,
+                            const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                            const at::Tensor& attention_weights, c10::optional<int64_t> im2col_step) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({value, spatial_shapes, level_start_index, sampling_locations, attention_weights});
+    return call_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                        im2col_step);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& grad = grad_outputs[0];
+    // Tensor inputs in order: value 0, spatial_shapes 1, level_start_index 2, locations 3, weights 4.
+    const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(3), ctx->needs_input_grad(4)};
+    if (!grad.defined() || !(mask[0] || mask[1] || mask[2])) return variable_list(6);
+    auto [grad_value, grad_locations, grad_weights] =
+        call_backward(grad, saved[0], saved[1], saved[2], saved[3], saved[4], mask);
+    return {grad_value, at::Tensor(), at::Tensor(), grad_locations, grad_weights, at::Tensor()};
+  }
+};
+
+at::Tensor forward_autograd(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                            const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+                            const at::Tensor& attention_weights, c10::optional<int64_t> im2col_step) {
+  return MSDeformAttnFunction::apply(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                                     im2col_step);
+}
+
+}  // namespace
+}  // namespace msda::torch_ops
+
+TORCH_LIBRARY(msda, m) {
+  m.def(
+      "ms_deform_attn(Tensor value, Tensor spatial_shapes, Tensor level_start_index, Tensor sampling_locations, "
+      "Tensor attention_weights, int? im2col_step=None) -> Tensor");
+  m.def(
+      "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
+      "Tensor sampling_locations, Tensor attention_weights, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+// CompositeExplicitAutograd: one kernel for every device, so a tensor on a device msda has no
+// kernel for gets msda's own error naming the argument, not a dispatcher error.
+TORCH_LIBRARY_IMPL(msda, CompositeExplicitAutograd, m) {
+  m.impl("ms_deform_attn", &msda::torch_ops::forward);
+  m.impl("ms_deform_attn_backward", &msda::torch_ops::backward);
+}
+
+TORCH_LIBRARY_IMPL(msda, Autograd, m) { m.impl("ms_deform_attn", &msda::torch_ops::forward_autograd); }
