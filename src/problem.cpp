@@ -47,7 +47,8 @@ void require_positive(std::int64_t x, const char* argument) {
 
 void check_sample_dtype(DType value, DType sample, const char* argument) {
   if (sample == value || sample == DType::f32) return;
-  throw Error(argument, "dtype " + std::string(name(value)) + " (value's) or f32",
+  throw Error(argument,
+              value == DType::f32 ? "dtype f32 (value's)" : "dtype " + std::string(name(value)) + " (value's) or f32",
               std::string(name(sample)));
 }
 
@@ -86,6 +87,16 @@ std::string_view name(Backend backend) noexcept {
     case Backend::cpu: return "cpu";
   }
   return "unknown backend";
+}
+
+std::string_view name(Isa isa) noexcept {
+  switch (isa) {
+    case Isa::best: return "best";
+    case Isa::baseline: return "baseline";
+    case Isa::avx2: return "avx2";
+    case Isa::avx512: return "avx512";
+  }
+  return "unknown isa";
 }
 
 std::vector<std::int64_t> level_starts(const std::vector<Level>& levels) {
@@ -180,6 +191,10 @@ Problem describe(const TensorSizes& sizes, const std::int64_t* spatial_shapes,
       if (s < 0) throw Error("tensor sizes", "non-negative sizes", str(*t));
 
   const std::int64_t N = v[0], S = v[1], M = v[2], D = v[3], L = ss[0];
+  // The sizes validate() would reject, named here by the tensor they come from.
+  if (D < 1) throw Error("value", "D >= 1 channels per head (dimension 3)", "D = " + str(D));
+  if (L < 1) throw Error("spatial_shapes", "at least 1 level (L >= 1)", "L = " + str(L));
+  if (loc[4] < 1) throw Error("sampling_locations", "P >= 1 points (dimension 4)", "P = " + str(loc[4]));
   if (ls[0] != L)
     throw Error("level_start_index", "[L] = [" + str(L) + "] (L from spatial_shapes)", str(ls));
   const std::vector<std::int64_t> expected_loc{N, loc[1], M, L, loc[4], 2};

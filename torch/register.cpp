@@ -54,6 +54,22 @@ class MSDeformAttnFunction : public torch::autograd::Function<MSDeformAttnFuncti
   }
 };
 
+// The backward has no derivative of its own: refuse a double backward (create_graph=True)
+// loudly instead of silently dropping the second-order term.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_autograd(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+    std::array<bool, 3> output_mask) {
+  if (at::GradMode::is_enabled())
+    for (const at::Tensor* t : {&grad_output, &value, &sampling_locations, &attention_weights})
+      TORCH_CHECK(!(t->defined() && t->requires_grad()),
+                  "msda: ms_deform_attn: expected a first-order gradient, got a request for a double backward "
+                  "(create_graph=True), which msda does not implement");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return call_backward(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                       output_mask);
+}
+
 at::Tensor forward_autograd(const at::Tensor& value, const at::Tensor& spatial_shapes,
                             const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                             const at::Tensor& attention_weights, c10::optional<int64_t> im2col_step) {
@@ -80,4 +96,7 @@ TORCH_LIBRARY_IMPL(msda, CompositeExplicitAutograd, m) {
   m.impl("ms_deform_attn_backward", &msda::torch_ops::backward);
 }
 
-TORCH_LIBRARY_IMPL(msda, Autograd, m) { m.impl("ms_deform_attn", &msda::torch_ops::forward_autograd); }
+TORCH_LIBRARY_IMPL(msda, Autograd, m) {
+  m.impl("ms_deform_attn", &msda::torch_ops::forward_autograd);
+  m.impl("ms_deform_attn_backward", &msda::torch_ops::backward_autograd);
+}

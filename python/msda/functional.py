@@ -27,9 +27,14 @@ def ms_deform_attn_pytorch(value: torch.Tensor, spatial_shapes: torch.Tensor, sa
     """The same operator built from torch.nn.functional.grid_sample, one level at a time.
 
     This is what every CPU user of MSDA runs today. It materialises a [N*M, D, Q, P] tensor per
-    level, and grid_sample needs the grid in value's dtype, so with a bfloat16 value the
-    locations are rounded to bfloat16 (about 1/256 of the map).
+    level. grid_sample needs the grid in the input's dtype, and PyTorch's CPU grid_sample has no
+    bfloat16/float16 kernel, so a bfloat16/float16 value is computed in float32 and the output
+    cast back.
     """
+    if value.dtype in (torch.bfloat16, torch.float16):
+        out = ms_deform_attn_pytorch(value.float(), spatial_shapes, sampling_locations.float(),
+                                     attention_weights.float())
+        return out.to(value.dtype)
     n, _, m, d = value.shape
     _, q, _, num_levels, p, _ = sampling_locations.shape
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]

@@ -109,10 +109,11 @@ struct Kernels {
                   }
                 }
               }
+              // A sample zeroed by the range rule has exactly zero gradients (even for a NaN weight).
               if (grad_weight) grad_weight[i] = Storage<W>::store(d_weight);
               if (grad_loc) {
-                grad_loc[2 * i] = Storage<Loc>::store(a * static_cast<double>(p.width[l]) * d_u);
-                grad_loc[2 * i + 1] = Storage<Loc>::store(a * static_cast<double>(p.height[l]) * d_v);
+                grad_loc[2 * i] = Storage<Loc>::store(b.in_range ? a * static_cast<double>(p.width[l]) * d_u : 0.0);
+                grad_loc[2 * i + 1] = Storage<Loc>::store(b.in_range ? a * static_cast<double>(p.height[l]) * d_v : 0.0);
               }
             }
     for (std::size_t e = 0; e < gv.size(); ++e) grad_value[e] = Storage<V>::store(gv[e]);
