@@ -54,6 +54,8 @@ Params make_params(const Problem& problem, int threads) {
   for (const Level& level : problem.levels) {
     params.height.push_back(level.height);
     params.width.push_back(level.width);
+    params.height_f.push_back(static_cast<double>(level.height));
+    params.width_f.push_back(static_cast<double>(level.width));
   }
   params.level_start = level_starts(problem.levels);
   params.threads = threads;
@@ -68,6 +70,8 @@ void forward(const Problem& problem, const Inputs& inputs, void* output, const O
   require_pointer(inputs.attention_weights, n.samples, "attention_weights");
   require_pointer(output, n.output, "output");
   Params params = make_params(problem, resolve_threads(options.threads));
+  params.isa = options.isa;
+  params.query_block = options.tuning.query_block > 0 ? options.tuning.query_block : params.query_block;
   const Backend backend = resolve_backend(options.backend);
   if (n.output == 0) return;
   params.value = inputs.value;
@@ -89,6 +93,8 @@ void backward(const Problem& problem, const Inputs& inputs, const void* grad_out
   require_pointer(inputs.attention_weights, n.samples, "attention_weights");
   require_pointer(grad_output, n.output, "grad_output");
   Params params = make_params(problem, resolve_threads(options.threads));
+  params.isa = options.isa;
+  params.query_block = options.tuning.query_block > 0 ? options.tuning.query_block : params.query_block;
   const Backend backend = resolve_backend(options.backend);
   if (n.value == 0 && n.samples == 0) return;
   params.value = inputs.value;

@@ -10,6 +10,10 @@
 
 #include "msda/msda.h"
 
+// Always inlined: the CPU backend compiles these into kernels built for several instruction sets,
+// and an out-of-line copy built for AVX-512 must never be what a baseline caller links to.
+#define MSDA_INLINE [[gnu::always_inline]] inline
+
 namespace msda {
 
 struct bf16 {
@@ -19,18 +23,18 @@ struct f16 {
   std::uint16_t bits;
 };
 
-inline float bf16_to_float(bf16 h) noexcept {
+MSDA_INLINE float bf16_to_float(bf16 h) noexcept {
   return std::bit_cast<float>(static_cast<std::uint32_t>(h.bits) << 16);
 }
 
-inline bf16 float_to_bf16(float f) noexcept {
+MSDA_INLINE bf16 float_to_bf16(float f) noexcept {
   const std::uint32_t x = std::bit_cast<std::uint32_t>(f);
   if ((x & 0x7FFFFFFFu) > 0x7F800000u) return bf16{static_cast<std::uint16_t>((x >> 16) | 0x40u)};
   const std::uint32_t rounded = x + 0x7FFFu + ((x >> 16) & 1u);
   return bf16{static_cast<std::uint16_t>(rounded >> 16)};
 }
 
-inline float f16_to_float(f16 h) noexcept {
+MSDA_INLINE float f16_to_float(f16 h) noexcept {
   const std::uint32_t sign = static_cast<std::uint32_t>(h.bits & 0x8000u) << 16;
   const std::uint32_t exponent = (h.bits >> 10) & 0x1Fu;
   const std::uint32_t mantissa = h.bits & 0x3FFu;
@@ -43,7 +47,16 @@ inline float f16_to_float(f16 h) noexcept {
   return std::bit_cast<float>(sign | ((exponent + 112u) << 23) | (mantissa << 13));
 }
 
-inline f16 float_to_f16(float f) noexcept {
+// Round-to-nearest-even of `value >> shift` (1 <= shift <= 24). In float_to_f16 a carry out of
+// the mantissa correctly bumps the exponent, and the largest finite value rounds up to inf.
+MSDA_INLINE std::uint32_t round_shift(std::uint32_t value, int shift) noexcept {
+  const std::uint32_t kept = value >> shift;
+  const std::uint32_t rest = value & ((1u << shift) - 1u);
+  const std::uint32_t halfway = 1u << (shift - 1);
+  return kept + ((rest > halfway || (rest == halfway && (kept & 1u))) ? 1u : 0u);
+}
+
+MSDA_INLINE f16 float_to_f16(float f) noexcept {
   const std::uint32_t x = std::bit_cast<std::uint32_t>(f);
   const auto sign = static_cast<std::uint16_t>((x >> 16) & 0x8000u);
   const std::uint32_t magnitude = x & 0x7FFFFFFFu;
@@ -53,14 +66,6 @@ inline f16 float_to_f16(float f) noexcept {
   }
   const int exponent = static_cast<int>(magnitude >> 23);  // biased by 127
   const std::uint32_t mantissa = magnitude & 0x7FFFFFu;
-  // Round-to-nearest-even of `value >> shift`; a carry out of the mantissa correctly bumps the
-  // exponent (and the largest finite value correctly rounds up to inf).
-  auto round_shift = [](std::uint32_t value, int shift) {
-    const std::uint32_t kept = value >> shift;
-    const std::uint32_t rest = value & ((1u << shift) - 1u);
-    const std::uint32_t halfway = 1u << (shift - 1);
-    return kept + ((rest > halfway || (rest == halfway && (kept & 1u))) ? 1u : 0u);
-  };
   if (exponent >= 113) {  // normal in f16 (or overflowing to inf)
     if (exponent >= 143) return f16{static_cast<std::uint16_t>(sign | 0x7C00u)};
     const std::uint32_t bits = (static_cast<std::uint32_t>(exponent - 112) << 23) | mantissa;
@@ -81,32 +86,32 @@ template <>
 struct Storage<float> {
   using Compute = float;
   static constexpr DType dtype = DType::f32;
-  static float load(float x) noexcept { return x; }
-  static float store(float x) noexcept { return x; }
+  MSDA_INLINE static float load(float x) noexcept { return x; }
+  MSDA_INLINE static float store(float x) noexcept { return x; }
 };
 
 template <>
 struct Storage<double> {
   using Compute = double;
   static constexpr DType dtype = DType::f64;
-  static double load(double x) noexcept { return x; }
-  static double store(double x) noexcept { return x; }
+  MSDA_INLINE static double load(double x) noexcept { return x; }
+  MSDA_INLINE static double store(double x) noexcept { return x; }
 };
 
 template <>
 struct Storage<bf16> {
   using Compute = float;
   static constexpr DType dtype = DType::bf16;
-  static float load(bf16 x) noexcept { return bf16_to_float(x); }
-  static bf16 store(float x) noexcept { return float_to_bf16(x); }
+  MSDA_INLINE static float load(bf16 x) noexcept { return bf16_to_float(x); }
+  MSDA_INLINE static bf16 store(float x) noexcept { return float_to_bf16(x); }
 };
 
 template <>
 struct Storage<f16> {
   using Compute = float;
   static constexpr DType dtype = DType::f16;
-  static float load(f16 x) noexcept { return f16_to_float(x); }
-  static f16 store(float x) noexcept { return float_to_f16(x); }
+  MSDA_INLINE static float load(f16 x) noexcept { return f16_to_float(x); }
+  MSDA_INLINE static f16 store(float x) noexcept { return float_to_f16(x); }
 };
 
 }  // namespace msda

@@ -14,6 +14,7 @@ struct Params {
   const Problem* problem = nullptr;
   std::int64_t N = 0, S = 0, M = 0, D = 0, Q = 0, L = 0, P = 0;
   std::vector<std::int64_t> height, width, level_start;  // per level
+  std::vector<double> height_f, width_f;                 // the same H and W, for coordinate math
 
   const void* value = nullptr;
   const void* locations = nullptr;
@@ -25,6 +26,8 @@ struct Params {
   void* grad_weights = nullptr;
 
   int threads = 1;  // resolved: >= 1
+  Isa isa = Isa::best;
+  std::int64_t query_block = 64;  // cpu forward: queries per block walked one head at a time
 
   // Flat offsets, 64-bit. The sample (n, q, m, l, p) lives at sample_index * 2 in
   // sampling_locations and at sample_index in attention_weights.

@@ -87,9 +87,24 @@ enum class Backend : std::uint8_t {
 };
 std::string_view name(Backend backend) noexcept;
 
+// The instruction set of the cpu backend's kernels. `best` is the widest this CPU supports;
+// asking for one it lacks is an Error. Results are bitwise reproducible for a given choice.
+enum class Isa : std::uint8_t { best, baseline, avx2, avx512 };
+std::string_view name(Isa isa) noexcept;
+
+// Switches of the cpu backend's techniques, for benchmarks and ablation studies. The defaults
+// are the fastest measured (README, "Measured"); no setting changes a single bit of the results.
+struct CpuTuning {
+  // forward: queries per block; inside a block the heads go one at a time so the gathered rows
+  // are those of one head. 0 = the default; 1 = each query does all its heads at once.
+  std::int64_t query_block = 0;
+};
+
 struct Options {
   int threads = 0;  // 0: OpenMP's default (omp_get_max_threads); results never depend on it
   Backend backend = Backend::automatic;
+  Isa isa = Isa::best;  // cpu backend only
+  CpuTuning tuning;     // cpu backend only
 };
 
 struct Inputs {

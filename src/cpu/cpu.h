@@ -1,5 +1,8 @@
-// The CPU backend: OpenMP threads, 64-bit offsets, deterministic at any thread count.
+// The CPU backend: OpenMP threads, SIMD kernels compiled for several instruction sets and picked
+// at run time, 64-bit offsets, deterministic at any thread count.
 #pragma once
+
+#include <cstddef>
 
 #include "params.h"
 
@@ -12,5 +15,35 @@ void forward(const Params& params);
 // level and head, and the location and weight gradients of its samples, so no two threads ever
 // add into the same element and the sums run in the same order whatever the thread count.
 void backward(const Params& params);
+
+// Per-thread working memory, allocated by the dispatcher before any parallel region (so that a
+// bad_alloc reaches the caller) and handed to the kernels. Each thread's slice is laid out as
+// [channels | group | extra]: one row of D channels (runtime D), the geometry of one group of
+// samples, then kernel-specific arrays.
+struct Scratch {
+  std::byte* base = nullptr;
+  std::size_t stride = 0;          // bytes per thread, a multiple of 64 (no false sharing)
+  std::size_t channels_bytes = 0;  // D elements of the widest compute type
+  std::size_t group_bytes = 0;     // kGroupBytesPerSample per sample of a group
+  std::size_t grads_bytes = 0;     // backward: 3*P gradients of one query
+  std::int64_t group_capacity = 0; // samples per geometry group, a multiple of 8
+  std::int64_t group_queries = 0;  // backward: queries whose samples are located together
+  std::byte* for_thread(int thread) const { return base + static_cast<std::size_t>(thread) * stride; }
+};
+
+// Upper bound of the geometry arrays per sample (kernels.inl, Group): 5 doubles, 4 int64 and
+// 6 values of the compute type.
+inline constexpr std::size_t kGroupBytesPerSample = 5 * 8 + 4 * 8 + 6 * 8;
+
+// The kernels of each instruction set (src/cpu/targets/*.cpp).
+#define MSDA_DECLARE_TARGET(target)                              \
+  namespace target {                                             \
+  void forward(const Params& params, const Scratch& scratch);    \
+  void backward(const Params& params, const Scratch& scratch);   \
+  }
+MSDA_DECLARE_TARGET(baseline)
+MSDA_DECLARE_TARGET(avx2)
+MSDA_DECLARE_TARGET(avx512)
+#undef MSDA_DECLARE_TARGET
 
 }  // namespace msda::cpu

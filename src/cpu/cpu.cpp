@@ -1,0 +1,90 @@
+// Runtime dispatch of the CPU backend: picks the instruction set, sizes and allocates scratch.
+#include "cpu/cpu.h"
+
+#include <algorithm>
+#include <memory>
+#include <string>
+
+namespace msda::cpu {
+namespace {
+
+struct Target {
+  Isa isa;
+  void (*forward)(const Params&, const Scratch&);
+  void (*backward)(const Params&, const Scratch&);
+};
+
+bool supported(Isa isa) {
+  switch (isa) {
+    case Isa::avx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+             __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    case Isa::avx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+             __builtin_cpu_supports("bmi2");
+    case Isa::baseline:
+    case Isa::best: return true;
+  }
+  return false;
+}
+
+Target target_for(Isa requested) {
+  const Target targets[] = {{Isa::avx512, avx512::forward, avx512::backward},
+                            {Isa::avx2, avx2::forward, avx2::backward},
+                            {Isa::baseline, baseline::forward, baseline::backward}};
+  for (const Target& t : targets)
+    if ((requested == Isa::best || requested == t.isa) && supported(t.isa)) return t;
+  throw Error("options.isa", "an instruction set this CPU supports (best, baseline" +
+                                 std::string(supported(Isa::avx2) ? ", avx2" : "") + ")",
+              std::string(name(requested)));
+}
+
+// 64-byte aligned per-thread scratch; its layout is Scratch's.
+struct ScratchBuffer {
+  std::unique_ptr<std::byte[]> storage;
+  Scratch scratch;
+
+  ScratchBuffer(const Params& p, bool backward) {
+    auto round_up = [](std::size_t x) { return (x + 63) / 64 * 64; };
+    const auto LP = static_cast<std::size_t>(p.L * p.P);
+    scratch.channels_bytes = round_up(static_cast<std::size_t>(p.D) * 8);
+    std::size_t extra = 0;
+    if (backward) {
+      scratch.group_queries = 16;
+      scratch.group_capacity = (scratch.group_queries * p.P + 7) / 8 * 8;
+      scratch.group_bytes = round_up(static_cast<std::size_t>(scratch.group_capacity) * kGroupBytesPerSample);
+      scratch.grads_bytes = round_up(static_cast<std::size_t>(3 * p.P) * 8);
+      const bool in_place = p.problem->value_dtype == DType::f32 || p.problem->value_dtype == DType::f64;
+      if (p.grad_value && !in_place) {  // an f32 copy of one part's grad_value rows
+        std::int64_t max_rows = 0;
+        for (std::int64_t l = 0; l < p.L; ++l) max_rows = std::max(max_rows, p.height[l] * p.width[l]);
+        extra = round_up(static_cast<std::size_t>(max_rows * p.D) * 4);
+      }
+    } else {
+      scratch.group_capacity = static_cast<std::int64_t>((LP + 7) / 8 * 8);
+      scratch.group_bytes = round_up(static_cast<std::size_t>(scratch.group_capacity) * kGroupBytesPerSample);
+      extra = round_up(static_cast<std::size_t>(p.L) * sizeof(void*));  // one base pointer per level
+    }
+    scratch.stride = scratch.channels_bytes + scratch.group_bytes + scratch.grads_bytes + extra + 64;
+    storage.reset(new std::byte[scratch.stride * static_cast<std::size_t>(p.threads) + 64]);
+    const auto address = reinterpret_cast<std::uintptr_t>(storage.get());
+    scratch.base = storage.get() + (64 - address % 64) % 64;
+  }
+};
+
+}  // namespace
+
+void forward(const Params& params) {
+  const Target target = target_for(params.isa);
+  ScratchBuffer buffer(params, false);
+  target.forward(params, buffer.scratch);
+}
+
+void backward(const Params& params) {
+  const Target target = target_for(params.isa);
+  ScratchBuffer buffer(params, true);
+  target.backward(params, buffer.scratch);
+}
+
+}  // namespace msda::cpu

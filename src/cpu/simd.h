@@ -1,0 +1,98 @@
+// Vector types and loads for one instruction set. Included by kernels.inl inside the target's
+// namespace (msda::cpu::<target>), with MSDA_VEC_BYTES set by the target's translation unit, so
+// every function here is compiled once per target and never shared between them (Highway's
+// rule: per-target code lives in a per-target namespace).
+#if !defined(MSDA_VEC_BYTES)
+#error "simd.h is included from a target translation unit that defines MSDA_VEC_BYTES"
+#endif
+
+#include <immintrin.h>
+
+template <class C>
+struct VecOf {
+  typedef C type __attribute__((vector_size(MSDA_VEC_BYTES)));
+};
+template <class C>
+using Vec = typename VecOf<C>::type;
+template <class C>
+inline constexpr int kLanes = MSDA_VEC_BYTES / static_cast<int>(sizeof(C));
+
+template <class V>
+using Compute = typename Storage<V>::Compute;
+
+// kLanes<Compute<V>> elements of V from p, widened to their compute type.
+template <class V>
+MSDA_INLINE Vec<Compute<V>> load(const V* p) {
+  using C = Compute<V>;
+  Vec<C> v;
+  if constexpr (std::is_same_v<V, C>) {
+    __builtin_memcpy(&v, p, sizeof(v));
+  } else if constexpr (std::is_same_v<V, bf16>) {
+    // bf16 is the top half of an f32: widen and shift.
+    typedef std::uint16_t Narrow __attribute__((vector_size(MSDA_VEC_BYTES / 2)));
+    typedef std::uint32_t Wide __attribute__((vector_size(MSDA_VEC_BYTES)));
+    Narrow bits;
+    __builtin_memcpy(&bits, p, sizeof(bits));
+    const Wide wide = __builtin_convertvector(bits, Wide) << 16;
+    __builtin_memcpy(&v, &wide, sizeof(v));
+  } else {
+#if defined(__F16C__) && MSDA_VEC_BYTES == 64
+    const __m512 x = _mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    __builtin_memcpy(&v, &x, sizeof(v));
+#elif defined(__F16C__) && MSDA_VEC_BYTES == 32
+    const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    __builtin_memcpy(&v, &x, sizeof(v));
+#else
+    for (int i = 0; i < kLanes<C>; ++i) v[i] = f16_to_float(p[i]);
+#endif
+  }
+  return v;
+}
+
+template <class C>
+MSDA_INLINE Vec<C> load_compute(const C* p) {
+  Vec<C> v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <class C>
+MSDA_INLINE void store_compute(C* p, Vec<C> v) {
+  __builtin_memcpy(p, &v, sizeof(v));
+}
+
+template <class V>
+MSDA_INLINE void store(V* p, Vec<Compute<V>> v) {
+  if constexpr (std::is_same_v<V, Compute<V>>) {
+    __builtin_memcpy(p, &v, sizeof(v));
+  } else {
+    for (int i = 0; i < kLanes<Compute<V>>; ++i) p[i] = Storage<V>::store(v[i]);
+  }
+}
+
+// floor() of every lane.
+MSDA_INLINE Vec<double> floor_lanes(Vec<double> x) {
+#if MSDA_VEC_BYTES == 64
+  return (Vec<double>)_mm512_roundscale_pd((__m512d)x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+#elif MSDA_VEC_BYTES == 32
+  return (Vec<double>)_mm256_floor_pd((__m256d)x);
+#else
+  for (int i = 0; i < kLanes<double>; ++i) x[i] = __builtin_floor(x[i]);
+  return x;
+#endif
+}
+
+template <class C>
+MSDA_INLINE Vec<C> broadcast(C x) {
+  return Vec<C>{} + x;
+}
+
+template <class C>
+MSDA_INLINE C reduce_add(Vec<C> v) {
+  // Pairwise halving: a fixed order, so the sum is the same bits on every call.
+  C lanes[kLanes<C>];
+  __builtin_memcpy(lanes, &v, sizeof(v));
+  for (int width = kLanes<C> / 2; width > 0; width /= 2)
+    for (int i = 0; i < width; ++i) lanes[i] += lanes[i + width];
+  return lanes[0];
+}

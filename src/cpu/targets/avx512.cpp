@@ -1,0 +1,15 @@
+// The CPU kernels built for avx512 (compile flags in CMakeLists.txt).
+#include <omp.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "cpu/cpu.h"
+#include "cpu/geometry.h"
+#include "numeric.h"
+
+#define MSDA_VEC_BYTES 64
+namespace msda::cpu::avx512 {
+#include "cpu/kernels.inl"
+}  // namespace msda::cpu::avx512

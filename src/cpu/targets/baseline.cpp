@@ -1,0 +1,15 @@
+// The CPU kernels built for baseline (compile flags in CMakeLists.txt).
+#include <omp.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "cpu/cpu.h"
+#include "cpu/geometry.h"
+#include "numeric.h"
+
+#define MSDA_VEC_BYTES 16
+namespace msda::cpu::baseline {
+#include "cpu/kernels.inl"
+}  // namespace msda::cpu::baseline
