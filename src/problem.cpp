@@ -30,7 +30,8 @@ std::int64_t checked_product(std::initializer_list<std::int64_t> factors, const 
   std::int64_t result = 1;
   std::string expression;
   for (std::int64_t f : factors) {
-    expression += (expression.empty() ? "" : "*") + str(f);
+    if (!expression.empty()) expression += '*';
+    expression += str(f);
     if (__builtin_mul_overflow(result, f, &result))
       throw Error(argument, what + " to fit in 64-bit offsets", expression + " overflows");
   }
@@ -186,9 +187,12 @@ Problem describe(const TensorSizes& sizes, const std::int64_t* spatial_shapes,
   if (ls.size() != 1) throw Error("level_start_index", "1 dimension [L]", rank_str(ls));
   if (loc.size() != 6) throw Error("sampling_locations", "6 dimensions [N, Q, M, L, P, 2]", rank_str(loc));
   if (w.size() != 5) throw Error("attention_weights", "5 dimensions [N, Q, M, L, P]", rank_str(w));
-  for (const auto* t : {&v, &ss, &ls, &loc, &w})
+  const std::pair<const std::vector<std::int64_t>*, const char*> named[] = {
+      {&v, "value"}, {&ss, "spatial_shapes"}, {&ls, "level_start_index"}, {&loc, "sampling_locations"},
+      {&w, "attention_weights"}};
+  for (const auto& [t, argument] : named)
     for (std::int64_t s : *t)
-      if (s < 0) throw Error("tensor sizes", "non-negative sizes", str(*t));
+      if (s < 0) throw Error(argument, "non-negative sizes", str(*t));
 
   const std::int64_t N = v[0], S = v[1], M = v[2], D = v[3], L = ss[0];
   // The sizes validate() would reject, named here by the tensor they come from.

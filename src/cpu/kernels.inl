@@ -67,6 +67,14 @@ struct Channels {
     }
   }
 
+  // this * row, lane by lane, summed over the row's vectors but not across lanes (fixed D).
+  MSDA_INLINE Vec<C> products(const V* row) const {
+    static_assert(kD > 0);
+    Vec<C> sum = reg[0] * load(row);
+    for (int r = 1; r < kRegs; ++r) sum += reg[r] * load(row + r * kL);
+    return sum;
+  }
+
   // dst[0:D] += w * this   (dst in the compute type: a gradient accumulator row)
   MSDA_INLINE void add_scaled_into(C* dst, C w) const {
     const Vec<C> wv = broadcast(w);
@@ -183,7 +191,11 @@ struct Group {
     bilinear = reinterpret_cast<C*>(pixel + 4 * cap);
     lh = bilinear + 4 * cap;
     lw = lh + cap;
-    for (std::int64_t s = 0; s < cap; ++s) x[s] = y[s] = a[s] = 0;  // padding lanes stay finite
+    // Padding lanes (past the samples of a group) hold a harmless finite sample.
+    for (std::int64_t s = 0; s < cap; ++s) {
+      x[s] = y[s] = a[s] = 0;
+      height[s] = width[s] = 1;
+    }
   }
 
   // Reads `count` samples' (x, y) pairs and weights of any allowed dtype, from sample `first`.
@@ -228,8 +240,10 @@ struct Group {
       const VD lh_r = __builtin_convertvector(lh_c, VD), lw_r = __builtin_convertvector(lw_c, VD);
       const VD hh = one - lh_r, hw = one - lw_r;
       const VI top = in & (fh >= 0.0), bottom = in & (fh + 1.0 < H), left = fw >= 0.0, right = fw + 1.0 < W;
-      const VI p00 = __builtin_convertvector(fh * W + fw, VI);  // exact: H*W < 2^53 for any real map
-      const VI Wi = __builtin_convertvector(W, VI);
+      // Exact: H*W < 2^53 for any real map. Selected first, so that no lane of a zeroed sample
+      // (NaN coordinates) is ever converted from a non-finite double.
+      const VI p00 = __builtin_convertvector(in ? fh * W + fw : zero, VI);
+      const VI Wi = __builtin_convertvector(in ? W : zero, VI);
       const VI on[4] = {top & left, top & right, bottom & left, bottom & right};
       const VI corner[4] = {p00, p00 + 1, p00 + Wi, p00 + Wi + 1};
       const VD weight[4] = {hh * hw, hh * lw_r, lh_r * hw, lh_r * lw_r};
@@ -374,13 +388,30 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
               w[c] = group.bilinear[c * capacity + s];
             }
             if (want_dots) {
-              C dot[4] = {0, 0, 0, 0};  // dot(g, corner value); an off-map corner's value is zero
-              for (int c = 0; c < 4; ++c)
-                if (pixel[c] >= 0) dot[c] = g.dot(level + pixel[c] * row_stride);
               const C lh = group.lh[s], lw = group.lw[s], hh = 1 - lh, hw = 1 - lw;
-              grads[pt] = w[0] * dot[0] + w[1] * dot[1] + w[2] * dot[2] + w[3] * dot[3];
-              grads[P + 2 * pt] = a * W * (hh * (dot[1] - dot[0]) + lh * (dot[3] - dot[2]));
-              grads[P + 2 * pt + 1] = a * H * (hw * (dot[2] - dot[0]) + lw * (dot[3] - dot[1]));
+              // d_weight = sum_c w_c dot(g, v_c); d_u = dot(g, hh (v01 - v00) + lh (v11 - v10));
+              // d_v = dot(g, hw (v10 - v00) + lw (v11 - v01)); an off-map corner's value is zero.
+              C sums[4];
+              if constexpr (kD > 0) {
+                // Lane-wise products combined first, then one shared horizontal sum for all three.
+                Vec<C> t[4];
+                for (int c = 0; c < 4; ++c) t[c] = pixel[c] >= 0 ? g.products(level + pixel[c] * row_stride) : Vec<C>{};
+                const Vec<C> d_weight = broadcast(w[0]) * t[0] + broadcast(w[1]) * t[1] + broadcast(w[2]) * t[2] +
+                                        broadcast(w[3]) * t[3];
+                const Vec<C> d_u = broadcast(hh) * (t[1] - t[0]) + broadcast(lh) * (t[3] - t[2]);
+                const Vec<C> d_v = broadcast(hw) * (t[2] - t[0]) + broadcast(lw) * (t[3] - t[1]);
+                reduce4<C>(d_weight, d_u, d_v, Vec<C>{}, sums);
+              } else {
+                C dot[4] = {0, 0, 0, 0};
+                for (int c = 0; c < 4; ++c)
+                  if (pixel[c] >= 0) dot[c] = g.dot(level + pixel[c] * row_stride);
+                sums[0] = w[0] * dot[0] + w[1] * dot[1] + w[2] * dot[2] + w[3] * dot[3];
+                sums[1] = hh * (dot[1] - dot[0]) + lh * (dot[3] - dot[2]);
+                sums[2] = hw * (dot[2] - dot[0]) + lw * (dot[3] - dot[1]);
+              }
+              grads[pt] = sums[0];
+              grads[P + 2 * pt] = a * W * sums[1];
+              grads[P + 2 * pt + 1] = a * H * sums[2];
             }
             if (acc)
               for (int c = 0; c < 4; ++c)

@@ -73,7 +73,7 @@ MSDA_INLINE void store(V* p, Vec<Compute<V>> v) {
 // floor() of every lane.
 MSDA_INLINE Vec<double> floor_lanes(Vec<double> x) {
 #if MSDA_VEC_BYTES == 64
-  return (Vec<double>)_mm512_roundscale_pd((__m512d)x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  return (Vec<double>)_mm512_maskz_roundscale_pd(0xFF, (__m512d)x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
 #elif MSDA_VEC_BYTES == 32
   return (Vec<double>)_mm256_floor_pd((__m256d)x);
 #else
@@ -85,6 +85,60 @@ MSDA_INLINE Vec<double> floor_lanes(Vec<double> x) {
 template <class C>
 MSDA_INLINE Vec<C> broadcast(C x) {
   return Vec<C>{} + x;
+}
+
+// ---- horizontal sums ----
+// Lane permutations are built at compile time from index functions, so each becomes a single
+// shuffle instruction (vshuff32x4, vpermt2ps, ...) on every target.
+template <class C>
+using LaneIndex = std::conditional_t<sizeof(C) == 4, std::int32_t, std::int64_t>;
+template <class C>
+using Mask = Vec<LaneIndex<C>>;
+
+template <class C, class F, int... I>
+constexpr Mask<C> make_mask(F f, std::integer_sequence<int, I...>) {
+  return Mask<C>{static_cast<LaneIndex<C>>(f(I))...};
+}
+
+// x and y each hold kLanes/G groups of G lanes. Returns twice as many groups of G/2 lanes, x's
+// groups then y's, each the sum of its group's two halves.
+template <class C, int G>
+MSDA_INLINE Vec<C> fold(Vec<C> x, Vec<C> y) {
+  constexpr int L = kLanes<C>;
+  constexpr auto source = [](int i) {
+    const int half = G / 2, groups = L / G, k = i / half, r = i % half;
+    return k < groups ? k * G + r : L + (k - groups) * G + r;
+  };
+  constexpr Mask<C> low = make_mask<C>(source, std::make_integer_sequence<int, L>{});
+  constexpr Mask<C> high = make_mask<C>([source](int i) { return source(i) + G / 2; },
+                                        std::make_integer_sequence<int, L>{});
+  return __builtin_shuffle(x, y, low) + __builtin_shuffle(x, y, high);
+}
+
+// Groups of G lanes folded down to their sums (in the first lanes, in order).
+template <class C, int G>
+MSDA_INLINE Vec<C> collapse(Vec<C> z) {
+  if constexpr (G == 1) {
+    return z;
+  } else {
+    return collapse<C, G / 2>(fold<C, G>(z, z));
+  }
+}
+
+// out = {sum(a), sum(b), sum(c), sum(d)}, in a fixed order (the same bits on every call).
+template <class C>
+MSDA_INLINE void reduce4(Vec<C> a, Vec<C> b, Vec<C> c, Vec<C> d, C* out) {
+  constexpr int L = kLanes<C>;
+  const Vec<C> x = fold<C, L>(a, b), y = fold<C, L>(c, d);
+  if constexpr (L == 2) {
+    out[0] = x[0];
+    out[1] = x[1];
+    out[2] = y[0];
+    out[3] = y[1];
+  } else {
+    const Vec<C> z = collapse<C, L / 4>(fold<C, L / 2>(x, y));
+    for (int i = 0; i < 4; ++i) out[i] = z[i];
+  }
 }
 
 template <class C>

@@ -1,0 +1,88 @@
+// SPEC "Precision": results do not depend on the number of threads, and repeated runs give
+// bitwise identical outputs and gradients (no floating-point atomics whose order varies).
+// The cpu backend is checked for each instruction set this machine runs (each on its own: the
+// header promises reproducibility "for a given choice").
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <initializer_list>
+#include <string>
+#include <tuple>
+
+#include "test_support.h"
+
+namespace msda_test {
+namespace {
+
+using msda::Backend;
+using msda::DType;
+
+// Runs the case with threads = 1 as the baseline, then with every count in `threads`, `repeats`
+// times each, and requires every result to be bitwise identical to the baseline.
+void expect_deterministic(const Case& c, std::initializer_list<int> threads, int repeats) {
+  SCOPED_TRACE(c.label);
+  for (msda::Isa isa : cpu_isas()) {
+    SCOPED_TRACE("isa " + std::string(msda::name(isa)));
+    Results first(c.problem);
+    run_all(c.problem, c.tensors, first, {1, Backend::cpu, isa});
+    // the baseline itself must be a real answer (no NaN left from the poison, not all zero)
+    for (const Buffer* b : {&first.output, &first.grad_value, &first.grad_locations, &first.grad_weights}) {
+      double norm = 0;
+      for (double x : b->to_double()) norm += x * x;
+      ASSERT_TRUE(std::isfinite(norm) && norm > 0) << "baseline result with norm " << norm;
+    }
+    for (int t : threads) {
+      for (int rep = 0; rep < repeats; ++rep) {
+        SCOPED_TRACE("threads=" + std::to_string(t) + " run " + std::to_string(rep));
+        Results again(c.problem);
+        run_all(c.problem, c.tensors, again, {t, Backend::cpu, isa});
+        EXPECT_TRUE(again.output.same_bytes(first.output)) << "output";
+        EXPECT_TRUE(again.grad_value.same_bytes(first.grad_value)) << "grad_value";
+        EXPECT_TRUE(again.grad_locations.same_bytes(first.grad_locations)) << "grad_sampling_locations";
+        EXPECT_TRUE(again.grad_weights.same_bytes(first.grad_weights)) << "grad_attention_weights";
+      }
+    }
+  }
+}
+
+class Determinism : public ::testing::TestWithParam<std::tuple<DType, Locations>> {};
+
+// A medium problem: 2 levels, M = 4, D = 32, Q = 500, P = 4, N = 2. `cluster` puts every sample
+// in the middle tenth of the maps, so many samples share grad_value rows.
+TEST_P(Determinism, BitwiseIdenticalAcrossThreadCountsAndRuns) {
+  const auto [dtype, kind] = GetParam();
+  Shape s;
+  s.batch = 2, s.heads = 4, s.channels = 32, s.queries = 500, s.points = 4;
+  s.levels = {{24, 30}, {12, 15}};
+  expect_deterministic(make_case(s, {dtype, dtype, dtype}, kind, case_seed(0)), {1, 2, 3, 8, 0}, 3);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    DTypes, Determinism,
+    ::testing::Combine(::testing::Values(DType::f32, DType::bf16, DType::f16, DType::f64),
+                       ::testing::Values(Locations::unit, Locations::cluster)),
+    [](const ::testing::TestParamInfo<Determinism::ParamType>& info) {
+      return std::string(msda::name(std::get<0>(info.param))) + "_" + name(std::get<1>(info.param));
+    });
+
+// The mixed-precision path (bf16 value, f32 locations and weights) and a channel count without a
+// specialised kernel (D = 20) are deterministic too.
+TEST(DeterminismMixed, Bf16ValueWithF32LocationsAndWeights) {
+  Shape s;
+  s.batch = 2, s.heads = 4, s.channels = 32, s.queries = 300, s.points = 4;
+  s.levels = {{16, 20}, {8, 10}};
+  expect_deterministic(make_case(s, {DType::bf16, DType::f32, DType::f32}, Locations::cluster, case_seed(0)),
+                       {2, 3, 8}, 1);
+}
+
+TEST(DeterminismMixed, OddChannelCount) {
+  Shape s;
+  s.batch = 2, s.heads = 3, s.channels = 20, s.queries = 300, s.points = 4;
+  s.levels = {{16, 20}, {8, 10}, {4, 5}};
+  for (DType dtype : {DType::f32, DType::bf16}) {
+    expect_deterministic(make_case(s, {dtype, dtype, dtype}, Locations::mixed, case_seed(0)), {2, 3, 8}, 1);
+  }
+}
+
+}  // namespace
+}  // namespace msda_test
