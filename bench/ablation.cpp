@@ -36,18 +36,26 @@ double median_ms(int repeats, const std::function<void()>& f) {
 
 // The gather floor: for every sample, in the forward kernel's order (blocks of queries, one head
 // at a time), load exactly the in-range corner rows it loads and add them to a running sum, with
-// no geometry and no weights. The row offsets are computed before timing.
+// no geometry and no weights. Each sample's corners come from an 8-byte record made before
+// timing (its top-left pixel, level and which corners are on the map): about the bytes of
+// locations the kernel itself reads.
 struct GatherFloor {
-  std::vector<std::vector<std::int64_t>> rows_per_job;  // element offsets into value
-  std::int64_t D;
+  struct Record {
+    std::int32_t pixel;  // top-left corner's pixel index in its level (may be -1 or -W-1)
+    std::uint8_t level;
+    std::uint8_t corners;  // bit c set: corner c (00, 01, 10, 11) is on the map
+  };
+  std::vector<std::vector<Record>> records_per_job;
+  msda::Problem p;
+  std::int64_t block;
 
-  GatherFloor(const msda::Problem& p, const std::vector<double>& loc, std::int64_t block) : D(p.channels) {
+  GatherFloor(const msda::Problem& problem, const std::vector<double>& loc, std::int64_t query_block)
+      : p(problem), block(query_block) {
     const std::int64_t L = p.num_levels(), blocks = (p.queries + block - 1) / block;
-    const std::vector<std::int64_t> starts = msda::level_starts(p.levels);
-    rows_per_job.resize(static_cast<std::size_t>(p.batch * blocks));
+    records_per_job.resize(static_cast<std::size_t>(p.batch * blocks));
     for (std::int64_t job = 0; job < p.batch * blocks; ++job) {
       const std::int64_t n = job / blocks, q0 = job % blocks * block, q1 = std::min(q0 + block, p.queries);
-      auto& rows = rows_per_job[job];
+      auto& records = records_per_job[job];
       for (std::int64_t m = 0; m < p.heads; ++m)
         for (std::int64_t q = q0; q < q1; ++q)
           for (std::int64_t l = 0; l < L; ++l)
@@ -55,44 +63,66 @@ struct GatherFloor {
               const std::int64_t i = (((n * p.queries + q) * p.heads + m) * L + l) * p.points + pt;
               const std::int64_t H = p.levels[l].height, W = p.levels[l].width;
               const double u = loc[2 * i] * W - 0.5, v = loc[2 * i + 1] * H - 0.5;
-              if (!(v > -1 && u > -1 && v < H && u < W)) continue;
-              const auto h0 = static_cast<std::int64_t>(std::floor(v)), w0 = static_cast<std::int64_t>(std::floor(u));
-              for (std::int64_t h = h0; h <= h0 + 1; ++h)
-                for (std::int64_t w = w0; w <= w0 + 1; ++w)
-                  if (h >= 0 && h < H && w >= 0 && w < W)
-                    rows.push_back(((n * p.value_len + starts[l] + h * W + w) * p.heads + m) * D);
+              Record r{0, static_cast<std::uint8_t>(l), 0};
+              if (v > -1 && u > -1 && v < H && u < W) {
+                const auto h0 = static_cast<std::int64_t>(std::floor(v)), w0 = static_cast<std::int64_t>(std::floor(u));
+                r.pixel = static_cast<std::int32_t>(h0 * W + w0);
+                r.corners = static_cast<std::uint8_t>((h0 >= 0 && w0 >= 0) | (h0 >= 0 && w0 + 1 < W) << 1 |
+                                                      (h0 + 1 < H && w0 >= 0) << 2 | (h0 + 1 < H && w0 + 1 < W) << 3);
+              }
+              records.push_back(r);
             }
     }
   }
 
-  // Summed in registers when D is known at compile time, as the kernels do.
-  template <int kD>
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"))) static float sum_rows(
-      const float* value, const std::int64_t* rows, std::size_t count, std::int64_t D) {
-    constexpr int kMax = kD > 0 ? kD : 1024;
-    float acc[kMax] = {};
-    const std::int64_t n = kD > 0 ? kD : D;
-    for (std::size_t r = 0; r < count; ++r) {
-      const float* row = value + rows[r];
-      for (std::int64_t d = 0; d < n; ++d) acc[d] += row[d];
+  typedef float Vec16 __attribute__((vector_size(64)));
+
+  // Summed 16 floats at a time in registers (AVX-512), as the kernels do: loads and adds only.
+  __attribute__((target("avx512f"))) float sum_job(const float* value, std::size_t job) const {
+    const std::int64_t blocks = (p.queries + block - 1) / block, n = static_cast<std::int64_t>(job) / blocks;
+    const std::int64_t q0 = static_cast<std::int64_t>(job) % blocks * block, q1 = std::min(q0 + block, p.queries);
+    const std::int64_t D = p.channels, stride = p.heads * D, samples = p.num_levels() * p.points;
+    const std::vector<std::int64_t> starts = msda::level_starts(p.levels);
+    const Record* r = records_per_job[job].data();
+    Vec16 acc[4][2] = {};  // one pair per corner, like the kernel: the sum is not latency-bound
+    for (std::int64_t m = 0; m < p.heads; ++m) {
+      const float* base[16];
+      std::int64_t width[16];
+      for (std::int64_t l = 0; l < p.num_levels() && l < 16; ++l) {
+        base[l] = value + ((n * p.value_len + starts[l]) * p.heads + m) * D;
+        width[l] = p.levels[l].width;
+      }
+      for (std::int64_t q = q0; q < q1; ++q)
+        for (std::int64_t s = 0; s < samples; ++s, ++r) {
+          const std::int64_t corner[4] = {r->pixel, r->pixel + 1, r->pixel + width[r->level],
+                                          r->pixel + width[r->level] + 1};
+#pragma GCC unroll 4
+          for (int c = 0; c < 4; ++c) {
+            if (!(r->corners >> c & 1)) continue;
+            const float* row = base[r->level] + corner[c] * stride;
+            Vec16 x0, x1;  // D == 32 (available() checks): one row is two vectors
+            __builtin_memcpy(&x0, row, sizeof(x0));
+            __builtin_memcpy(&x1, row + 16, sizeof(x1));
+            acc[c][0] += x0;
+            acc[c][1] += x1;
+          }
+        }
     }
     float total = 0;
-    for (std::int64_t d = 0; d < n; ++d) total += acc[d];
+    for (int c = 0; c < 4; ++c)
+      for (int i = 0; i < 16; ++i) total += acc[c][0][i] + acc[c][1][i];
     return total;
   }
 
-  float sum_job(const float* value, std::size_t job) const {
-    const auto& rows = rows_per_job[job];
-    if (D == 32) return sum_rows<32>(value, rows.data(), rows.size(), D);
-    if (D == 64) return sum_rows<64>(value, rows.data(), rows.size(), D);
-    return sum_rows<0>(value, rows.data(), rows.size(), std::min<std::int64_t>(D, 1024));
+  bool available() const {
+    return __builtin_cpu_supports("avx512f") && p.channels == 32 && p.num_levels() <= 16 &&
+           p.value_dtype == msda::DType::f32;
   }
 
   float run(const float* value, int threads) const {
     float total = 0;
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : total)
-    for (std::size_t job = 0; job < rows_per_job.size(); ++job)
-      total += sum_job(value, job);
+    for (std::size_t job = 0; job < records_per_job.size(); ++job) total += sum_job(value, job);
     return total;
   }
 };
@@ -127,11 +157,12 @@ int main(int argc, char** argv) try {
               std::string(msda::workloads::name(kind)).c_str(), threads, repeats);
   std::printf("| variant | forward ms | backward ms |\n|---|---:|---:|\n");
 
-  const GatherFloor floor(p, msda::workloads::to_double(data.locations.data(), p.location_dtype, 2 * samples), 64);
+  const GatherFloor floor(p, msda::workloads::to_double(data.locations.data(), p.location_dtype, 2 * samples), 1);
   const auto* value = reinterpret_cast<const float*>(data.value.data());
   volatile float sink = 0;
-  std::printf("| gather floor (same rows, running sum) | %.2f | |\n",
-              median_ms(repeats, [&] { sink = floor.run(value, threads); }));
+  if (floor.available())
+    std::printf("| gather floor (same rows, running sum) | %.2f | |\n",
+                median_ms(repeats, [&] { sink = floor.run(value, threads); }));
 
   struct Variant {
     std::string name;
@@ -142,6 +173,11 @@ int main(int argc, char** argv) try {
     msda::Options o{threads};
     o.tuning.query_block = block;
     variants.push_back({"query_block=" + std::to_string(block) + (block == 1 ? " (all heads per query)" : ""), o});
+  }
+  {
+    msda::Options o{threads};
+    o.tuning.stage_value = true;
+    variants.push_back({"stage_value=true (padded head-major copy, allocated per call)", o});
   }
   for (msda::Isa isa : {msda::Isa::avx2, msda::Isa::baseline}) {
     msda::Options o{threads};

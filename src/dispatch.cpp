@@ -58,6 +58,12 @@ Params make_params(const Problem& problem, int threads) {
     params.width_f.push_back(static_cast<double>(level.width));
   }
   params.level_start = level_starts(problem.levels);
+  for (const Level& level : problem.levels) {
+    params.padded_start.push_back(params.padded_rows);
+    params.padded_rows += (level.height + 2) * (level.width + 2);
+  }
+  params.location_bytes = size_of(problem.location_dtype);
+  params.weight_bytes = size_of(problem.weight_dtype);
   params.threads = threads;
   return params;
 }
@@ -72,6 +78,7 @@ void forward(const Problem& problem, const Inputs& inputs, void* output, const O
   Params params = make_params(problem, resolve_threads(options.threads));
   params.isa = options.isa;
   params.query_block = options.tuning.query_block > 0 ? options.tuning.query_block : params.query_block;
+  params.stage_value = options.tuning.stage_value;
   const Backend backend = resolve_backend(options.backend);
   if (n.output == 0) return;
   params.value = inputs.value;
@@ -95,6 +102,7 @@ void backward(const Problem& problem, const Inputs& inputs, const void* grad_out
   Params params = make_params(problem, resolve_threads(options.threads));
   params.isa = options.isa;
   params.query_block = options.tuning.query_block > 0 ? options.tuning.query_block : params.query_block;
+  params.stage_value = options.tuning.stage_value;
   const Backend backend = resolve_backend(options.backend);
   if (n.value == 0 && n.samples == 0) return;
   params.value = inputs.value;

@@ -25,9 +25,18 @@ struct Params {
   void* grad_locations = nullptr;
   void* grad_weights = nullptr;
 
+  std::size_t location_bytes = 4, weight_bytes = 4;  // element sizes of sampling_locations, weights
   int threads = 1;  // resolved: >= 1
   Isa isa = Isa::best;
-  std::int64_t query_block = 64;  // cpu forward: queries per block walked one head at a time
+  std::int64_t query_block = 1;   // cpu forward: queries per block walked one head at a time
+  bool stage_value = false;       // cpu forward: gather from a padded head-major copy of value
+
+  // The padded head-major layout of value (cpu backend): for each (n, m), level l occupies
+  // (H_l + 2) x (W_l + 2) rows of D from padded_start[l], with a ring of zero rows around the
+  // map, so every corner of an in-range sample is a valid row and (h, w), (h, w + 1) are
+  // adjacent ("pixel merging").
+  std::vector<std::int64_t> padded_start;
+  std::int64_t padded_rows = 0;  // per (n, m)
 
   // Flat offsets, 64-bit. The sample (n, q, m, l, p) lives at sample_index * 2 in
   // sampling_locations and at sample_index in attention_weights.

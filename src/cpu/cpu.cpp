@@ -1,8 +1,12 @@
 // Runtime dispatch of the CPU backend: picks the instruction set, sizes and allocates scratch.
 #include "cpu/cpu.h"
 
+#include <sys/mman.h>
+
 #include <algorithm>
+#include <cstdlib>
 #include <memory>
+#include <new>
 #include <string>
 
 namespace msda::cpu {
@@ -51,20 +55,25 @@ struct ScratchBuffer {
     scratch.channels_bytes = round_up(static_cast<std::size_t>(p.D) * 8);
     std::size_t extra = 0;
     if (backward) {
-      scratch.group_queries = 16;
-      scratch.group_capacity = (scratch.group_queries * p.P + 7) / 8 * 8;
+      // Parts of (n, m) and all levels read and write each sample's data once, in order; with
+      // fewer (n, m) pairs than threads, parts of one level each keep every thread busy.
+      scratch.levels_per_part = p.N * p.M >= p.threads ? p.L : 1;
+      scratch.group_capacity = static_cast<std::int64_t>((LP + 7) / 8 * 8);
       scratch.group_bytes = round_up(static_cast<std::size_t>(scratch.group_capacity) * kGroupBytesPerSample);
-      scratch.grads_bytes = round_up(static_cast<std::size_t>(3 * p.P) * 8);
+      scratch.grads_bytes = round_up(LP * 3 * 8);
       const bool in_place = p.problem->value_dtype == DType::f32 || p.problem->value_dtype == DType::f64;
       if (p.grad_value && !in_place) {  // an f32 copy of one part's grad_value rows
         std::int64_t max_rows = 0;
         for (std::int64_t l = 0; l < p.L; ++l) max_rows = std::max(max_rows, p.height[l] * p.width[l]);
+        if (scratch.levels_per_part == p.L) max_rows = p.S;
         extra = round_up(static_cast<std::size_t>(max_rows * p.D) * 4);
       }
     } else {
       scratch.group_capacity = static_cast<std::int64_t>((LP + 7) / 8 * 8);
       scratch.group_bytes = round_up(static_cast<std::size_t>(scratch.group_capacity) * kGroupBytesPerSample);
-      extra = round_up(static_cast<std::size_t>(p.L) * sizeof(void*));  // one base pointer per level
+      // One base pointer per level, then a zero row (grads_bytes is the pointers' share).
+      scratch.grads_bytes = round_up(static_cast<std::size_t>(p.L) * sizeof(void*));
+      extra = round_up(static_cast<std::size_t>(p.D) * 8);
     }
     scratch.stride = scratch.channels_bytes + scratch.group_bytes + scratch.grads_bytes + extra + 64;
     storage.reset(new std::byte[scratch.stride * static_cast<std::size_t>(p.threads) + 64]);
@@ -73,11 +82,38 @@ struct ScratchBuffer {
   }
 };
 
+// The padded head-major copy of value (Params::padded_start), on 2 MiB-aligned memory marked
+// for transparent huge pages: the gather touches it at random, and 4 KiB pages would spend the
+// TLB. Null when staging is off or the size does not fit in 64 bits.
+struct StagedValue {
+  struct Free {
+    void operator()(void* p) const { std::free(p); }
+  };
+  std::unique_ptr<void, Free> memory;
+
+  explicit StagedValue(const Params& p) {
+    if (!p.stage_value) return;
+    std::size_t bytes;
+    if (__builtin_mul_overflow(static_cast<std::size_t>(p.N * p.M), static_cast<std::size_t>(p.padded_rows), &bytes) ||
+        __builtin_mul_overflow(bytes, static_cast<std::size_t>(p.D) * size_of(p.problem->value_dtype), &bytes))
+      return;
+    constexpr std::size_t kHuge = std::size_t(2) << 20;
+    bytes = (bytes + kHuge - 1) / kHuge * kHuge;
+    memory.reset(std::aligned_alloc(kHuge, bytes));
+    if (!memory) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+    madvise(memory.get(), bytes, MADV_HUGEPAGE);  // advice only: failure changes nothing
+#endif
+  }
+};
+
 }  // namespace
 
 void forward(const Params& params) {
   const Target target = target_for(params.isa);
   ScratchBuffer buffer(params, false);
+  StagedValue staged(params);
+  buffer.scratch.staged_value = staged.memory.get();
   target.forward(params, buffer.scratch);
 }
 

@@ -27,13 +27,14 @@ struct Scratch {
   std::size_t group_bytes = 0;     // kGroupBytesPerSample per sample of a group
   std::size_t grads_bytes = 0;     // backward: 3*P gradients of one query
   std::int64_t group_capacity = 0; // samples per geometry group, a multiple of 8
-  std::int64_t group_queries = 0;  // backward: queries whose samples are located together
+  std::int64_t levels_per_part = 0; // backward: levels of one part (all of them, or 1)
+  void* staged_value = nullptr;    // forward: the padded head-major copy of value, or null
   std::byte* for_thread(int thread) const { return base + static_cast<std::size_t>(thread) * stride; }
 };
 
-// Upper bound of the geometry arrays per sample (kernels.inl, Group): 5 doubles, 4 int64 and
+// Upper bound of the geometry arrays per sample (kernels.inl, Group): 5 doubles, 6 int64 and
 // 6 values of the compute type.
-inline constexpr std::size_t kGroupBytesPerSample = 5 * 8 + 4 * 8 + 6 * 8;
+inline constexpr std::size_t kGroupBytesPerSample = 5 * 8 + 6 * 8 + 6 * 8;
 
 // The kernels of each instruction set (src/cpu/targets/*.cpp).
 #define MSDA_DECLARE_TARGET(target)                              \

@@ -67,6 +67,12 @@ struct Channels {
     }
   }
 
+  // this += other (compile-time D: the registers of another accumulator)
+  MSDA_INLINE void add(const Channels& other) {
+    static_assert(kD > 0);
+    for (int r = 0; r < kRegs; ++r) reg[r] += other.reg[r];
+  }
+
   // this * row, lane by lane, summed over the row's vectors but not across lanes (fixed D).
   MSDA_INLINE Vec<C> products(const V* row) const {
     static_assert(kD > 0);
@@ -106,9 +112,8 @@ MSDA_INLINE void prefetch(const void* p, std::size_t bytes) {
 
 // The bytes of `count` samples' locations and weights from sample `first`.
 MSDA_INLINE void prefetch_samples(const Params& p, std::int64_t first, std::int64_t count) {
-  const std::size_t loc_size = size_of(p.problem->location_dtype), weight_size = size_of(p.problem->weight_dtype);
-  prefetch(static_cast<const char*>(p.locations) + 2 * first * loc_size, 2 * count * loc_size);
-  prefetch(static_cast<const char*>(p.weights) + first * weight_size, count * weight_size);
+  prefetch(static_cast<const char*>(p.locations) + 2 * first * p.location_bytes, 2 * count * p.location_bytes);
+  prefetch(static_cast<const char*>(p.weights) + first * p.weight_bytes, count * p.weight_bytes);
 }
 
 // ---- sample geometry, many samples at a time -------------------------------------------------
@@ -176,10 +181,12 @@ struct Group {
   double* height;         // in: H and W of each sample's level
   double* width;
   std::int64_t* pixel;    // out [4][capacity]: corner pixel index in its level, -1 off the map
+  std::int64_t* padded;   // out: corner 00's row in the padded level layout, -1 for a zeroed sample
+  std::int64_t* level_offset;  // in (forward taps): byte offset of each sample's level in value
   C* bilinear;            // out [4][capacity]: hh*hw, hh*lw, lh*hw, lh*lw (0 off the map)
   C* lh;                  // out: fractional offsets (0 for a zeroed sample)
   C* lw;
-  static_assert(5 * sizeof(double) + 4 * sizeof(std::int64_t) + 6 * sizeof(C) <= kGroupBytesPerSample);
+  static_assert(5 * sizeof(double) + 6 * sizeof(std::int64_t) + 6 * sizeof(C) <= kGroupBytesPerSample);
 
   MSDA_INLINE Group(std::byte* memory, std::int64_t cap) : capacity(cap) {
     x = reinterpret_cast<double*>(memory);
@@ -188,13 +195,16 @@ struct Group {
     height = a + cap;
     width = height + cap;
     pixel = reinterpret_cast<std::int64_t*>(width + cap);
-    bilinear = reinterpret_cast<C*>(pixel + 4 * cap);
+    padded = pixel + 4 * cap;
+    level_offset = padded + cap;
+    bilinear = reinterpret_cast<C*>(level_offset + cap);
     lh = bilinear + 4 * cap;
     lw = lh + cap;
     // Padding lanes (past the samples of a group) hold a harmless finite sample.
     for (std::int64_t s = 0; s < cap; ++s) {
       x[s] = y[s] = a[s] = 0;
       height[s] = width[s] = 1;
+      level_offset[s] = 0;
     }
   }
 
@@ -218,47 +228,135 @@ struct Group {
     }
   }
 
-  MSDA_INLINE void locate(std::int64_t count) {
+  // Locates samples [begin, end); lanes past `end` up to the next vector boundary are computed
+  // too (harmless: they hold earlier or padding samples).
+  MSDA_INLINE void locate_range(std::int64_t begin, std::int64_t end) { locate_from(begin - begin % kStep, end); }
+  MSDA_INLINE void locate(std::int64_t count) { locate_from(0, count); }
+
+  // The geometry of kStep samples from s, as vectors.
+  struct Lanes {
+    Vec<std::int64_t> in;        // the sample is not zeroed by the range rule
+    Vec<double> fh, fw;          // floor of the coordinates (0 for a zeroed sample)
+    Vec<double> W;               // the level's width
+    Vec<std::int64_t> on[4];     // corner on the map
+    Vec<double> weight[4];       // bilinear weight of each corner, 0 off the map
+    Vec<double> lh, lw;          // fractions, already rounded to C
+  };
+
+  MSDA_INLINE Lanes geometry(std::int64_t s) const {
     using VD = Vec<double>;
-    using VI = Vec<std::int64_t>;
     typedef C VC __attribute__((vector_size(kStep * sizeof(C))));
     const VD zero{}, one = zero + 1.0;
+    Lanes g;
+    const VD H = load_compute(height + s);
+    g.W = load_compute(width + s);
+    const VD u = load_compute(x + s) * g.W - 0.5, v = load_compute(y + s) * H - 0.5;
+    g.in = (v > -1.0) & (u > -1.0) & (v < H) & (u < g.W);
+    // Selects: a zeroed sample's NaN or huge coordinate never reaches an integer conversion.
+    g.fh = g.in ? floor_lanes(v) : zero;
+    g.fw = g.in ? floor_lanes(u) : zero;
+    // The fractions are rounded to C once; the weights are formed from the rounded values.
+    g.lh = __builtin_convertvector(__builtin_convertvector(g.in ? v - g.fh : zero, VC), VD);
+    g.lw = __builtin_convertvector(__builtin_convertvector(g.in ? u - g.fw : zero, VC), VD);
+    const VD hh = one - g.lh, hw = one - g.lw;
+    const auto top = g.in & (g.fh >= 0.0), bottom = g.in & (g.fh + 1.0 < H), left = g.fw >= 0.0,
+               right = g.fw + 1.0 < g.W;
+    g.on[0] = top & left;
+    g.on[1] = top & right;
+    g.on[2] = bottom & left;
+    g.on[3] = bottom & right;
+    const VD weight[4] = {hh * hw, hh * g.lw, g.lh * hw, g.lh * g.lw};
+    for (int c = 0; c < 4; ++c) g.weight[c] = g.on[c] ? weight[c] : zero;
+    return g;
+  }
+
+  MSDA_INLINE static void put(C* dst, Vec<double> v) {
+    typedef C VC __attribute__((vector_size(kStep * sizeof(C))));
+    const VC narrow = __builtin_convertvector(v, VC);
+    __builtin_memcpy(dst, &narrow, sizeof(narrow));
+  }
+
+  // Outputs for the backward and the staged forward: corner pixels, padded rows, bilinear
+  // weights, fractions; the attention weight of a zeroed sample becomes 0.
+  MSDA_INLINE void locate_from(std::int64_t first, std::int64_t count) {
+    using VD = Vec<double>;
+    using VI = Vec<std::int64_t>;
+    const VD zero{};
     const VI off_map = VI{} - 1;
-    auto put = [](C* dst, VD v) {
-      const VC narrow = __builtin_convertvector(v, VC);
-      __builtin_memcpy(dst, &narrow, sizeof(narrow));
-    };
-    for (std::int64_t s = 0; s < count; s += kStep) {
-      const VD H = load_compute(height + s), W = load_compute(width + s);
-      const VD u = load_compute(x + s) * W - 0.5, v = load_compute(y + s) * H - 0.5;
-      const VI in = (v > -1.0) & (u > -1.0) & (v < H) & (u < W);
-      // Selects: a zeroed sample's NaN or huge coordinate never reaches the integer conversion.
-      const VD fh = in ? floor_lanes(v) : zero, fw = in ? floor_lanes(u) : zero;
-      const VD frac_h = in ? v - fh : zero, frac_w = in ? u - fw : zero;
-      // The fractions are rounded to C once; the weights are formed from the rounded values.
-      const VC lh_c = __builtin_convertvector(frac_h, VC), lw_c = __builtin_convertvector(frac_w, VC);
-      const VD lh_r = __builtin_convertvector(lh_c, VD), lw_r = __builtin_convertvector(lw_c, VD);
-      const VD hh = one - lh_r, hw = one - lw_r;
-      const VI top = in & (fh >= 0.0), bottom = in & (fh + 1.0 < H), left = fw >= 0.0, right = fw + 1.0 < W;
-      // Exact: H*W < 2^53 for any real map. Selected first, so that no lane of a zeroed sample
-      // (NaN coordinates) is ever converted from a non-finite double.
-      const VI p00 = __builtin_convertvector(in ? fh * W + fw : zero, VI);
-      const VI Wi = __builtin_convertvector(in ? W : zero, VI);
-      const VI on[4] = {top & left, top & right, bottom & left, bottom & right};
+    for (std::int64_t s = first; s < count; s += kStep) {
+      const Lanes g = geometry(s);
+      // Exact: H*W < 2^53 for any real map; converted once (64-bit integer multiplies are slow).
+      const VI p00 = __builtin_convertvector(g.fh * g.W + g.fw, VI), Wi = __builtin_convertvector(g.W, VI);
       const VI corner[4] = {p00, p00 + 1, p00 + Wi, p00 + Wi + 1};
-      const VD weight[4] = {hh * hw, hh * lw_r, lh_r * hw, lh_r * lw_r};
+      // In the padded layout the map starts at row 1, column 1 and rows are W + 2 long.
+      const VI padded_00 = __builtin_convertvector((g.fh + 1.0) * (g.W + 2.0) + g.fw + 1.0, VI);
+      const VI padded_px = g.in ? padded_00 : off_map;
+      __builtin_memcpy(padded + s, &padded_px, sizeof(padded_px));
       for (int c = 0; c < 4; ++c) {
-        const VI px = on[c] ? corner[c] : off_map;
+        const VI px = g.on[c] ? corner[c] : off_map;
         __builtin_memcpy(pixel + c * capacity + s, &px, sizeof(px));
-        put(bilinear + c * capacity + s, on[c] ? weight[c] : zero);
+        put(bilinear + c * capacity + s, g.weight[c]);
       }
-      __builtin_memcpy(lh + s, &lh_c, sizeof(lh_c));
-      __builtin_memcpy(lw + s, &lw_c, sizeof(lw_c));
-      const VD a_in = in ? load_compute(a + s) : zero;
-      store_compute(a + s, a_in);
+      put(lh + s, g.lh);
+      put(lw + s, g.lw);
+      store_compute(a + s, g.in ? load_compute(a + s) : zero);
+    }
+  }
+
+  // Outputs for the forward: each corner's address (base + level_offset[s] + pixel * row_bytes,
+  // or `zero_row` off the map) in pixel[c] and its weight, attention times bilinear (0 off the
+  // map), in bilinear[c]. The sum over taps then needs no branch at all.
+  MSDA_INLINE void locate_taps(std::int64_t count, std::int64_t base, std::int64_t row_bytes, std::int64_t zero_row) {
+    using VD = Vec<double>;
+    using VI = Vec<std::int64_t>;
+    const VD zero{};
+    const VI zero_rows = VI{} + zero_row;
+    const double row_bytes_d = static_cast<double>(row_bytes);
+    for (std::int64_t s = 0; s < count; s += kStep) {
+      const Lanes g = geometry(s);
+      VI level;
+      __builtin_memcpy(&level, level_offset + s, sizeof(level));
+      // Byte offsets in double: exact below 2^53, which any tensor in memory is.
+      const VI p00 = __builtin_convertvector((g.fh * g.W + g.fw) * row_bytes_d, VI) + level + base;
+      const VI down = __builtin_convertvector(g.W * row_bytes_d, VI);
+      const VI corner[4] = {p00, p00 + row_bytes, p00 + down, p00 + down + row_bytes};
+      const VD a_in = g.in ? load_compute(a + s) : zero;
+      for (int c = 0; c < 4; ++c) {
+        const VI address = g.on[c] ? corner[c] : zero_rows;
+        __builtin_memcpy(pixel + c * capacity + s, &address, sizeof(address));
+        put(bilinear + c * capacity + s, a_in * g.weight[c]);
+      }
     }
   }
 };
+
+// ---- the padded head-major copy of value ------------------------------------------------------
+
+// Called by every thread of a parallel region: copies value into Params' padded layout, one
+// padded row-line (W + 2 rows of D) of one (n, m, level) per job, zeroing the ring.
+template <class V>
+void stage_value(const Params& p, const V* value, V* staged) {
+  const std::int64_t D = p.D;
+  std::int64_t lines = 0;  // padded row-lines per (n, m): sum of H_l + 2
+  for (std::int64_t l = 0; l < p.L; ++l) lines += p.height[l] + 2;
+#pragma omp for schedule(static)
+  for (std::int64_t job = 0; job < p.N * p.M * lines; ++job) {
+    const std::int64_t nm = job / lines, n = nm / p.M, m = nm % p.M;
+    std::int64_t line = job % lines, l = 0;
+    while (line >= p.height[l] + 2) line -= p.height[l++] + 2;
+    const std::int64_t W = p.width[l], h = line - 1;
+    V* dst = staged + (nm * p.padded_rows + p.padded_start[l] + line * (W + 2)) * D;
+    if (h < 0 || h >= p.height[l]) {
+      __builtin_memset(dst, 0, static_cast<std::size_t>((W + 2) * D) * sizeof(V));
+      continue;
+    }
+    __builtin_memset(dst, 0, static_cast<std::size_t>(D) * sizeof(V));
+    const V* src = value + p.value_offset(n, p.level_start[l] + h * W, m);
+    for (std::int64_t w = 0; w < W; ++w)
+      __builtin_memcpy(dst + (w + 1) * D, src + w * p.M * D, static_cast<std::size_t>(D) * sizeof(V));
+    __builtin_memset(dst + (W + 1) * D, 0, static_cast<std::size_t>(D) * sizeof(V));
+  }
+}
 
 // ---- forward ---------------------------------------------------------------------------------
 
@@ -276,39 +374,74 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
   const std::int64_t D = kD > 0 ? kD : p.D, LP = p.L * p.P, row_stride = p.M * D;
   const V* value = static_cast<const V*>(p.value);
   V* out = static_cast<V*>(p.output);
+  V* staged = static_cast<V*>(scratch.staged_value);
   const std::int64_t block = p.query_block, blocks_per_n = (p.Q + block - 1) / block;
 
 #pragma omp parallel num_threads(p.threads)
   {
     std::byte* mine = scratch.for_thread(omp_get_thread_num());
-    Channels<V, kD> acc(D, reinterpret_cast<C*>(mine));
+    // One accumulator per corner when D is compile-time: four independent FMA chains instead of
+    // one 4*L*P long (which made the sum latency-bound). Runtime D sums into acc[0] only.
+    constexpr int kAccs = kD > 0 ? 4 : 1;
+    Channels<V, kD> acc[4] = {{D, reinterpret_cast<C*>(mine)}, {D, reinterpret_cast<C*>(mine)},
+                              {D, reinterpret_cast<C*>(mine)}, {D, reinterpret_cast<C*>(mine)}};
     Group<C> group(mine + scratch.channels_bytes, scratch.group_capacity);
     const V** level_base = reinterpret_cast<const V**>(mine + scratch.channels_bytes + scratch.group_bytes);
+    // A row of zeros: where the taps of off-map corners point (with weight 0).
+    V* zero_row = reinterpret_cast<V*>(mine + scratch.channels_bytes + scratch.group_bytes + scratch.grads_bytes);
+    __builtin_memset(static_cast<void*>(zero_row), 0, static_cast<std::size_t>(D) * sizeof(V));
     for (std::int64_t s = 0; s < LP; ++s) {
       group.height[s] = p.height_f[s / p.P];
       group.width[s] = p.width_f[s / p.P];
+      group.level_offset[s] = p.level_start[s / p.P] * row_stride * static_cast<std::int64_t>(sizeof(V));
     }
+    if (staged) stage_value(p, value, staged);  // ends in a barrier: the copy is complete
 #pragma omp for schedule(static)
     for (std::int64_t job = 0; job < p.N * blocks_per_n; ++job) {
       const std::int64_t n = job / blocks_per_n, q_begin = job % blocks_per_n * block;
       const std::int64_t q_end = q_begin + block < p.Q ? q_begin + block : p.Q;
       for (std::int64_t m = 0; m < p.M; ++m) {
-        for (std::int64_t l = 0; l < p.L; ++l) level_base[l] = value + p.value_offset(n, p.level_start[l], m);
+        if (staged)
+          for (std::int64_t l = 0; l < p.L; ++l)
+            level_base[l] = staged + ((n * p.M + m) * p.padded_rows + p.padded_start[l]) * D;
         for (std::int64_t q = q_begin; q < q_end; ++q) {
           // With heads walked one at a time, a query's samples sit M*L*P apart: fetch ahead.
           if (q + kPrefetchQueries < q_end) prefetch_samples(p, p.sample_index(n, q + kPrefetchQueries, m, 0, 0), LP);
           group.load(p, p.sample_index(n, q, m, 0, 0), LP, 0);
-          group.locate(LP);
-          acc.zero();
-          for (std::int64_t s = 0; s < LP; ++s) {
-            const V* level = level_base[s / p.P];
-            const C a = static_cast<C>(group.a[s]);
-            for (int c = 0; c < 4; ++c) {
-              const std::int64_t pixel = group.pixel[c * group.capacity + s];
-              if (pixel >= 0) acc.add_scaled(level + pixel * row_stride, a * group.bilinear[c * group.capacity + s]);
+          for (int k = 0; k < kAccs; ++k) acc[k].zero();
+          const std::int64_t cap = group.capacity;
+          if (staged) {
+            group.locate(LP);
+            // Every corner of an in-range sample is a row of the padded copy (zero off the map):
+            // two contiguous pairs per sample, no per-corner checks.
+            for (std::int64_t l = 0, s = 0; l < p.L; ++l) {
+              const V* base = level_base[l];
+              const std::int64_t down = (p.width[l] + 2) * D;
+              for (std::int64_t pt = 0; pt < p.P; ++pt, ++s) {
+                const std::int64_t row = group.padded[s];
+                if (row < 0) continue;
+                const V* top = base + row * D;
+                const C a = static_cast<C>(group.a[s]);
+                acc[0].add_scaled(top, a * group.bilinear[s]);
+                acc[1 % kAccs].add_scaled(top + D, a * group.bilinear[cap + s]);
+                acc[2 % kAccs].add_scaled(top + down, a * group.bilinear[2 * cap + s]);
+                acc[3 % kAccs].add_scaled(top + down + D, a * group.bilinear[3 * cap + s]);
+              }
             }
+          } else {
+            // Branch-free taps: an address and a weight per corner (zero_row and 0 off the map).
+            group.locate_taps(LP, reinterpret_cast<std::int64_t>(value + p.value_offset(n, 0, m)),
+                              row_stride * static_cast<std::int64_t>(sizeof(V)), reinterpret_cast<std::int64_t>(zero_row));
+            for (std::int64_t s = 0; s < LP; ++s)
+              for (int c = 0; c < 4; ++c)
+                acc[c % kAccs].add_scaled(reinterpret_cast<const V*>(group.pixel[c * cap + s]), group.bilinear[c * cap + s]);
           }
-          acc.store_row(out + p.output_offset(n, q, m));
+          if constexpr (kAccs == 4) {
+            acc[0].add(acc[1]);
+            acc[2].add(acc[3]);
+            acc[0].add(acc[2]);
+          }
+          acc[0].store_row(out + p.output_offset(n, q, m));
         }
       }
     }
@@ -317,47 +450,50 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
 
 // ---- backward --------------------------------------------------------------------------------
 
-// Parallel over the N*M*L parts (batch, head, level). A part owns the grad_value rows of its
-// level and head and the location/weight gradients of its samples: no two threads touch the
-// same element, and every sum runs in sample order whatever the thread count. Its samples are
-// located in vectorized groups of scratch.group_queries queries.
+// Parallel over parts: a part is one (batch, head) and a range of levels (all of them when there
+// are at least as many (n, m) pairs as threads, one level each otherwise). A part owns the
+// grad_value rows of its head and levels and the location/weight gradients of its samples: no
+// two threads touch the same element. Every grad_value row is summed over its samples in (q, p)
+// order whatever the partition or thread count, so results are bitwise identical across both.
+// A part walks its queries in order: each query's L*P locations and weights, its grad_output row
+// and its gradients are contiguous runs, read and written once.
 template <class V, int kD>
 void backward_kernel(const Params& p, const Scratch& scratch) {
   using C = Compute<V>;
   // f32 and f64 gradients accumulate in place; bf16 and f16 ones in an f32 copy of the part's
   // rows, rounded once at the end (SPEC "Precision").
   constexpr bool in_place = std::is_same_v<V, C>;
-  const std::int64_t D = kD > 0 ? kD : p.D, row_stride = p.M * D, P = p.P;
-  const std::int64_t group_queries = scratch.group_queries, capacity = scratch.group_capacity;
+  const std::int64_t D = kD > 0 ? kD : p.D, row_stride = p.M * D, P = p.P, LP = p.L * P;
+  const std::int64_t levels_per_part = scratch.levels_per_part, parts_per_nm = p.L / levels_per_part;
   const V* value = static_cast<const V*>(p.value);
   const V* grad_out = static_cast<const V*>(p.grad_output);
   V* grad_value = static_cast<V*>(p.grad_value);
   const bool want_dots = p.grad_locations || p.grad_weights;
-  const DType loc_dtype = p.problem->location_dtype, weight_dtype = p.problem->weight_dtype;
 
 #pragma omp parallel num_threads(p.threads)
   {
     std::byte* mine = scratch.for_thread(omp_get_thread_num());
     Channels<V, kD> g(D, reinterpret_cast<C*>(mine));
-    Group<C> group(mine + scratch.channels_bytes, capacity);
-    C* grads = reinterpret_cast<C*>(mine + scratch.channels_bytes + scratch.group_bytes);  // [3][P]
+    Group<C> group(mine + scratch.channels_bytes, scratch.group_capacity);
+    C* grads = reinterpret_cast<C*>(mine + scratch.channels_bytes + scratch.group_bytes);  // [3][L*P]
     C* own_rows = reinterpret_cast<C*>(mine + scratch.channels_bytes + scratch.group_bytes + scratch.grads_bytes);
+    for (std::int64_t s = 0; s < LP; ++s) {
+      group.height[s] = p.height_f[s / P];
+      group.width[s] = p.width_f[s / P];
+    }
 #pragma omp for schedule(static)
-    for (std::int64_t part = 0; part < p.N * p.M * p.L; ++part) {
-      const std::int64_t n = part / (p.M * p.L), m = part / p.L % p.M, l = part % p.L;
-      const std::int64_t rows = p.height[l] * p.width[l];
-      const C H = static_cast<C>(p.height_f[l]), W = static_cast<C>(p.width_f[l]);
-      const V* level = value + p.value_offset(n, p.level_start[l], m);
-      for (std::int64_t s = 0; s < capacity; ++s) {
-        group.height[s] = p.height_f[l];
-        group.width[s] = p.width_f[l];
-      }
-      // acc + r * acc_stride: the accumulator of grad_value[n, level_start + r, m, :]
+    for (std::int64_t part = 0; part < p.N * p.M * parts_per_nm; ++part) {
+      const std::int64_t n = part / (p.M * parts_per_nm), m = part / parts_per_nm % p.M;
+      const std::int64_t l_begin = part % parts_per_nm * levels_per_part, l_end = l_begin + levels_per_part;
+      const std::int64_t first_row = p.level_start[l_begin];
+      const std::int64_t rows = (l_end < p.L ? p.level_start[l_end] : p.S) - first_row;
+      const std::int64_t s_begin = l_begin * P, s_end = l_end * P;
+      // acc + r * acc_stride: the accumulator of grad_value[n, first_row + r, m, :]
       C* acc = nullptr;
       std::int64_t acc_stride = D;
       if (grad_value) {
         if constexpr (in_place) {
-          acc = reinterpret_cast<C*>(grad_value) + p.value_offset(n, p.level_start[l], m);
+          acc = reinterpret_cast<C*>(grad_value) + p.value_offset(n, first_row, m);
           acc_stride = row_stride;
         } else {
           acc = own_rows;
@@ -366,27 +502,28 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
           for (std::int64_t d = 0; d < D; ++d) acc[r * acc_stride + d] = 0;
       }
 
-      for (std::int64_t q0 = 0; q0 < p.Q; q0 += group_queries) {
-        const std::int64_t nq = q0 + group_queries < p.Q ? group_queries : p.Q - q0;
-        // A part's samples and grad_output rows are strided (M*L*P and M*D apart): fetch the next
-        // group's while this one is worked on.
-        for (std::int64_t q = q0 + group_queries; q < q0 + 2 * group_queries && q < p.Q; ++q) {
-          prefetch_samples(p, p.sample_index(n, q, m, l, 0), P);
-          prefetch(grad_out + p.output_offset(n, q, m), static_cast<std::size_t>(D) * sizeof(V));
+      for (std::int64_t q = 0; q < p.Q; ++q) {
+        const std::int64_t first = p.sample_index(n, q, m, l_begin, 0), count = s_end - s_begin;
+        if (q + kPrefetchQueries < p.Q) {
+          prefetch_samples(p, p.sample_index(n, q + kPrefetchQueries, m, l_begin, 0), count);
+          prefetch(grad_out + p.output_offset(n, q + kPrefetchQueries, m), static_cast<std::size_t>(D) * sizeof(V));
         }
-        for (std::int64_t j = 0; j < nq; ++j) group.load(p, p.sample_index(n, q0 + j, m, l, 0), P, j * P);
-        group.locate(nq * P);
-        for (std::int64_t j = 0; j < nq; ++j) {
-          g.load_row(grad_out + p.output_offset(n, q0 + j, m));
-          for (std::int64_t pt = 0; pt < P; ++pt) {
-            const std::int64_t s = j * P + pt;
+        group.load(p, first, count, s_begin);
+        group.locate_range(s_begin, s_end);
+        g.load_row(grad_out + p.output_offset(n, q, m));
+        for (std::int64_t l = l_begin, s = s_begin; l < l_end; ++l) {
+          const V* level = value + p.value_offset(n, p.level_start[l], m);
+          C* level_acc = acc ? acc + (p.level_start[l] - first_row) * acc_stride : nullptr;
+          const C H = static_cast<C>(p.height_f[l]), W = static_cast<C>(p.width_f[l]);
+          for (std::int64_t pt = 0; pt < P; ++pt, ++s) {
             const C a = static_cast<C>(group.a[s]);
             std::int64_t pixel[4];
             C w[4];
             for (int c = 0; c < 4; ++c) {
-              pixel[c] = group.pixel[c * capacity + s];
-              w[c] = group.bilinear[c * capacity + s];
+              pixel[c] = group.pixel[c * group.capacity + s];
+              w[c] = group.bilinear[c * group.capacity + s];
             }
+            const std::int64_t k = s - s_begin;  // this sample's slot in grads
             if (want_dots) {
               const C lh = group.lh[s], lw = group.lw[s], hh = 1 - lh, hw = 1 - lw;
               // d_weight = sum_c w_c dot(g, v_c); d_u = dot(g, hh (v01 - v00) + lh (v11 - v10));
@@ -395,7 +532,8 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
               if constexpr (kD > 0) {
                 // Lane-wise products combined first, then one shared horizontal sum for all three.
                 Vec<C> t[4];
-                for (int c = 0; c < 4; ++c) t[c] = pixel[c] >= 0 ? g.products(level + pixel[c] * row_stride) : Vec<C>{};
+                for (int c = 0; c < 4; ++c)
+                  t[c] = pixel[c] >= 0 ? g.products(level + pixel[c] * row_stride) : Vec<C>{};
                 const Vec<C> d_weight = broadcast(w[0]) * t[0] + broadcast(w[1]) * t[1] + broadcast(w[2]) * t[2] +
                                         broadcast(w[3]) * t[3];
                 const Vec<C> d_u = broadcast(hh) * (t[1] - t[0]) + broadcast(lh) * (t[3] - t[2]);
@@ -409,23 +547,22 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
                 sums[1] = hh * (dot[1] - dot[0]) + lh * (dot[3] - dot[2]);
                 sums[2] = hw * (dot[2] - dot[0]) + lw * (dot[3] - dot[1]);
               }
-              grads[pt] = sums[0];
-              grads[P + 2 * pt] = a * W * sums[1];
-              grads[P + 2 * pt + 1] = a * H * sums[2];
+              grads[k] = sums[0];
+              grads[count + 2 * k] = a * W * sums[1];
+              grads[count + 2 * k + 1] = a * H * sums[2];
             }
-            if (acc)
+            if (level_acc)
               for (int c = 0; c < 4; ++c)
-                if (pixel[c] >= 0) g.add_scaled_into(acc + pixel[c] * acc_stride, a * w[c]);
+                if (pixel[c] >= 0) g.add_scaled_into(level_acc + pixel[c] * acc_stride, a * w[c]);
           }
-          const std::int64_t first = p.sample_index(n, q0 + j, m, l, 0);
-          if (p.grad_weights) store_values(p.grad_weights, first, P, weight_dtype, grads);
-          if (p.grad_locations) store_values(p.grad_locations, 2 * first, 2 * P, loc_dtype, grads + P);
         }
+        if (p.grad_weights) store_values(p.grad_weights, first, count, p.problem->weight_dtype, grads);
+        if (p.grad_locations) store_values(p.grad_locations, 2 * first, 2 * count, p.problem->location_dtype, grads + count);
       }
       if constexpr (!in_place) {
         if (grad_value)
           for (std::int64_t r = 0; r < rows; ++r) {
-            V* dst = grad_value + p.value_offset(n, p.level_start[l] + r, m);
+            V* dst = grad_value + p.value_offset(n, first_row + r, m);
             for (std::int64_t d = 0; d < D; ++d) dst[d] = Storage<V>::store(acc[r * D + d]);
           }
       }
