@@ -39,9 +39,17 @@ Counts counts(const Problem& p) {
           p.batch * p.queries * p.heads * p.channels};
 }
 
-}  // namespace
+// Problem -> checks -> Params: everything the two entry points share. Nothing is touched before
+// every check has passed.
+Params prepare(const Problem& problem, const Inputs& inputs, const Options& options) {
+  validate(problem);
+  const Counts n = counts(problem);
+  require_pointer(inputs.value, n.value, "value");
+  require_pointer(inputs.sampling_locations, 2 * n.samples, "sampling_locations");
+  require_pointer(inputs.attention_weights, n.samples, "attention_weights");
+  if (options.tuning.query_block < 0)
+    throw Error("options.tuning.query_block", ">= 0 (0 = the default)", std::to_string(options.tuning.query_block));
 
-Params make_params(const Problem& problem, int threads) {
   Params params;
   params.problem = &problem;
   params.N = problem.batch;
@@ -51,41 +59,39 @@ Params make_params(const Problem& problem, int threads) {
   params.Q = problem.queries;
   params.L = problem.num_levels();
   params.P = problem.points;
+  params.level_start = level_starts(problem.levels);
   for (const Level& level : problem.levels) {
     params.height.push_back(level.height);
     params.width.push_back(level.width);
     params.height_f.push_back(static_cast<double>(level.height));
     params.width_f.push_back(static_cast<double>(level.width));
-  }
-  params.level_start = level_starts(problem.levels);
-  for (const Level& level : problem.levels) {
     params.padded_start.push_back(params.padded_rows);
     params.padded_rows += (level.height + 2) * (level.width + 2);
   }
   params.location_bytes = size_of(problem.location_dtype);
   params.weight_bytes = size_of(problem.weight_dtype);
-  params.threads = threads;
-  return params;
-}
-
-void forward(const Problem& problem, const Inputs& inputs, void* output, const Options& options) {
-  validate(problem);
-  const Counts n = counts(problem);
-  require_pointer(inputs.value, n.value, "value");
-  require_pointer(inputs.sampling_locations, 2 * n.samples, "sampling_locations");
-  require_pointer(inputs.attention_weights, n.samples, "attention_weights");
-  require_pointer(output, n.output, "output");
-  Params params = make_params(problem, resolve_threads(options.threads));
-  params.isa = options.isa;
-  params.query_block = options.tuning.query_block > 0 ? options.tuning.query_block : params.query_block;
-  params.stage_value = options.tuning.stage_value;
-  const Backend backend = resolve_backend(options.backend);
-  if (n.output == 0) return;
   params.value = inputs.value;
   params.locations = inputs.sampling_locations;
   params.weights = inputs.attention_weights;
+
+  params.threads = resolve_threads(options.threads);
+  params.backend = resolve_backend(options.backend);
+  params.isa = options.isa;
+  if (options.tuning.query_block > 0) params.query_block = options.tuning.query_block;
+  params.stage_value = options.tuning.stage_value;
+  params.level_parts = options.tuning.level_parts;
+  return params;
+}
+
+}  // namespace
+
+void forward(const Problem& problem, const Inputs& inputs, void* output, const Options& options) {
+  Params params = prepare(problem, inputs, options);
+  const Counts n = counts(problem);
+  require_pointer(output, n.output, "output");
+  if (n.output == 0) return;
   params.output = output;
-  switch (backend) {
+  switch (params.backend) {
     case Backend::reference: return reference::forward(params);
     default: return cpu::forward(params);
   }
@@ -93,26 +99,15 @@ void forward(const Problem& problem, const Inputs& inputs, void* output, const O
 
 void backward(const Problem& problem, const Inputs& inputs, const void* grad_output, const Gradients& gradients,
               const Options& options) {
-  validate(problem);
+  Params params = prepare(problem, inputs, options);
   const Counts n = counts(problem);
-  require_pointer(inputs.value, n.value, "value");
-  require_pointer(inputs.sampling_locations, 2 * n.samples, "sampling_locations");
-  require_pointer(inputs.attention_weights, n.samples, "attention_weights");
   require_pointer(grad_output, n.output, "grad_output");
-  Params params = make_params(problem, resolve_threads(options.threads));
-  params.isa = options.isa;
-  params.query_block = options.tuning.query_block > 0 ? options.tuning.query_block : params.query_block;
-  params.stage_value = options.tuning.stage_value;
-  const Backend backend = resolve_backend(options.backend);
   if (n.value == 0 && n.samples == 0) return;
-  params.value = inputs.value;
-  params.locations = inputs.sampling_locations;
-  params.weights = inputs.attention_weights;
   params.grad_output = grad_output;
   params.grad_value = gradients.value;
   params.grad_locations = gradients.sampling_locations;
   params.grad_weights = gradients.attention_weights;
-  switch (backend) {
+  switch (params.backend) {
     case Backend::reference: return reference::backward(params);
     default: return cpu::backward(params);
   }

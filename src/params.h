@@ -27,9 +27,11 @@ struct Params {
 
   std::size_t location_bytes = 4, weight_bytes = 4;  // element sizes of sampling_locations, weights
   int threads = 1;  // resolved: >= 1
+  Backend backend = Backend::cpu;  // resolved: never automatic
   Isa isa = Isa::best;
   std::int64_t query_block = 1;   // cpu forward: queries per block walked one head at a time
   bool stage_value = false;       // cpu forward: gather from a padded head-major copy of value
+  bool level_parts = false;       // cpu backward: one level per part even with enough (n, m) pairs
 
   // The padded head-major layout of value (cpu backend): for each (n, m), level l occupies
   // (H_l + 2) x (W_l + 2) rows of D from padded_start[l], with a ring of zero rows around the
@@ -52,7 +54,5 @@ struct Params {
     return ((n * Q + q) * M + m) * D;
   }
 };
-
-Params make_params(const Problem& problem, int threads);
 
 }  // namespace msda

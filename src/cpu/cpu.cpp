@@ -57,7 +57,7 @@ struct ScratchBuffer {
     if (backward) {
       // Parts of (n, m) and all levels read and write each sample's data once, in order; with
       // fewer (n, m) pairs than threads, parts of one level each keep every thread busy.
-      scratch.levels_per_part = p.N * p.M >= p.threads ? p.L : 1;
+      scratch.levels_per_part = p.N * p.M >= p.threads && !p.level_parts ? p.L : 1;
       scratch.group_capacity = static_cast<std::int64_t>((LP + 7) / 8 * 8);
       scratch.group_bytes = round_up(static_cast<std::size_t>(scratch.group_capacity) * kGroupBytesPerSample);
       scratch.grads_bytes = round_up(LP * 3 * 8);
