@@ -179,6 +179,11 @@ int main(int argc, char** argv) try {
     o.tuning.stage_value = true;
     variants.push_back({"stage_value=true (padded head-major copy, allocated per call)", o});
   }
+  {
+    msda::Options o{threads};
+    o.tuning.level_parts = true;
+    variants.push_back({"level_parts=true (backward parts of one level)", o});
+  }
   for (msda::Isa isa : {msda::Isa::avx2, msda::Isa::baseline}) {
     msda::Options o{threads};
     o.isa = isa;

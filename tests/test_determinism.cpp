@@ -84,5 +84,44 @@ TEST(DeterminismMixed, OddChannelCount) {
   }
 }
 
+// More threads than parts: with N*M = 2 (batch, head) pairs and N*M*L = 4 per-level parts, 3
+// threads use per-level parts and 5 or 16 threads the two-pass backward (location and weight
+// gradients over query ranges, then the grad_value scatter); the bits must not change.
+TEST(DeterminismManyThreads, MoreThreadsThanParts) {
+  Shape s;
+  s.batch = 1, s.heads = 2, s.channels = 32, s.queries = 400, s.points = 4;
+  s.levels = {{16, 20}, {8, 10}};
+  for (DType dtype : {DType::f32, DType::bf16}) {
+    expect_deterministic(make_case(s, {dtype, dtype, dtype}, Locations::cluster, case_seed(0)), {3, 5, 16}, 2);
+  }
+}
+
+// Only the location and weight gradients (no grad_value): parts split by query range.
+TEST(DeterminismManyThreads, LocationAndWeightGradientsOnly) {
+  Shape s;
+  s.batch = 1, s.heads = 2, s.channels = 32, s.queries = 400, s.points = 4;
+  s.levels = {{16, 20}, {8, 10}};
+  const Case c = make_case(s, {DType::f32, DType::f32, DType::f32}, Locations::unit, case_seed(0));
+  for (msda::Isa isa : cpu_isas()) {
+    SCOPED_TRACE("isa " + std::string(msda::name(isa)));
+    Results first(c.problem), full(c.problem);
+    first.poison();
+    msda::backward(c.problem, c.tensors.inputs(), c.tensors.grad_output.data(),
+                   {nullptr, first.grad_locations.data(), first.grad_weights.data()}, {1, Backend::cpu, isa});
+    run_all(c.problem, c.tensors, full, {1, Backend::cpu, isa});
+    EXPECT_TRUE(first.grad_locations.same_bytes(full.grad_locations));
+    EXPECT_TRUE(first.grad_weights.same_bytes(full.grad_weights));
+    for (int t : {2, 5, 16}) {
+      SCOPED_TRACE("threads=" + std::to_string(t));
+      Results again(c.problem);
+      again.poison();
+      msda::backward(c.problem, c.tensors.inputs(), c.tensors.grad_output.data(),
+                     {nullptr, again.grad_locations.data(), again.grad_weights.data()}, {t, Backend::cpu, isa});
+      EXPECT_TRUE(again.grad_locations.same_bytes(first.grad_locations)) << "grad_sampling_locations";
+      EXPECT_TRUE(again.grad_weights.same_bytes(first.grad_weights)) << "grad_attention_weights";
+    }
+  }
+}
+
 }  // namespace
 }  // namespace msda_test

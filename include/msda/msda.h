@@ -105,6 +105,10 @@ struct CpuTuning {
   // ~10% faster, but the value-sized copy is a fresh allocation per call, whose page faults
   // cost more than that (README, "What did not pay").
   bool stage_value = false;
+  // backward: a part (one thread's unit of work, owning its grad_value rows) is a (batch, head)
+  // with all its levels, or one level of it when there are fewer (batch, head) pairs than
+  // threads. true: always one level per part.
+  bool level_parts = false;
 };
 
 struct Options {

@@ -117,10 +117,31 @@ void forward(const Params& params) {
   target.forward(params, buffer.scratch);
 }
 
+// The backward's unit of parallel work is a part that owns grad_value rows: a (batch, head),
+// or one level of it. With more threads than N*M*L parts, the work is split in two passes that
+// both use every thread: first the location and weight gradients (the dot products, about half
+// the work), whose parts are (batch, head, query range) because they own no grad_value row; then
+// the grad_value scatter alone over N*M*L parts. Each output is computed by the same arithmetic
+// in the same order as in one pass, so the bits do not change.
 void backward(const Params& params) {
   const Target target = target_for(params.isa);
-  ScratchBuffer buffer(params, true);
-  target.backward(params, buffer.scratch);
+  const bool wants_dots = params.grad_locations || params.grad_weights;
+  if (params.threads <= params.N * params.M * params.L || !params.grad_value || !wants_dots) {
+    ScratchBuffer buffer(params, true);
+    if (!params.grad_value && params.threads > params.N * params.M) {
+      buffer.scratch.levels_per_part = params.L;
+      buffer.scratch.query_parts = (params.threads + params.N * params.M - 1) / (params.N * params.M) * 4;
+    }
+    target.backward(params, buffer.scratch);
+    return;
+  }
+  Params dots = params;
+  dots.grad_value = nullptr;
+  backward(dots);
+  Params scatter = params;
+  scatter.grad_locations = scatter.grad_weights = nullptr;
+  ScratchBuffer buffer(scatter, true);
+  target.backward(scatter, buffer.scratch);
 }
 
 }  // namespace msda::cpu

@@ -28,6 +28,7 @@ struct Scratch {
   std::size_t grads_bytes = 0;     // backward: 3*P gradients of one query
   std::int64_t group_capacity = 0; // samples per geometry group, a multiple of 8
   std::int64_t levels_per_part = 0; // backward: levels of one part (all of them, or 1)
+  std::int64_t query_parts = 1;     // backward without grad_value: query ranges per part
   void* staged_value = nullptr;    // forward: the padded head-major copy of value, or null
   std::byte* for_thread(int thread) const { return base + static_cast<std::size_t>(thread) * stride; }
 };

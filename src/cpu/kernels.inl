@@ -451,7 +451,8 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
 // ---- backward --------------------------------------------------------------------------------
 
 // Parallel over parts: a part is one (batch, head) and a range of levels (all of them when there
-// are at least as many (n, m) pairs as threads, one level each otherwise). A part owns the
+// are at least as many (n, m) pairs as threads, one level each otherwise; see cpu.cpp for more
+// threads than parts). A part owns the
 // grad_value rows of its head and levels and the location/weight gradients of its samples: no
 // two threads touch the same element. Every grad_value row is summed over its samples in (q, p)
 // order whatever the partition or thread count, so results are bitwise identical across both.
@@ -464,7 +465,8 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
   // rows, rounded once at the end (SPEC "Precision").
   constexpr bool in_place = std::is_same_v<V, C>;
   const std::int64_t D = kD > 0 ? kD : p.D, row_stride = p.M * D, P = p.P, LP = p.L * P;
-  const std::int64_t levels_per_part = scratch.levels_per_part, parts_per_nm = p.L / levels_per_part;
+  const std::int64_t levels_per_part = scratch.levels_per_part, level_parts = p.L / levels_per_part;
+  const std::int64_t query_parts = scratch.query_parts, parts_per_nm = level_parts * query_parts;
   const V* value = static_cast<const V*>(p.value);
   const V* grad_out = static_cast<const V*>(p.grad_output);
   V* grad_value = static_cast<V*>(p.grad_value);
@@ -484,7 +486,11 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
 #pragma omp for schedule(static)
     for (std::int64_t part = 0; part < p.N * p.M * parts_per_nm; ++part) {
       const std::int64_t n = part / (p.M * parts_per_nm), m = part / parts_per_nm % p.M;
-      const std::int64_t l_begin = part % parts_per_nm * levels_per_part, l_end = l_begin + levels_per_part;
+      const std::int64_t l_begin = part % parts_per_nm / query_parts * levels_per_part, l_end = l_begin + levels_per_part;
+      // Query ranges split a part only when grad_value is not computed (cpu.cpp): they own
+      // their samples' gradients but could not own grad_value rows.
+      const std::int64_t q_part = part % query_parts, q_size = (p.Q + query_parts - 1) / query_parts;
+      const std::int64_t q_begin = q_part * q_size, q_end = q_begin + q_size < p.Q ? q_begin + q_size : p.Q;
       const std::int64_t first_row = p.level_start[l_begin];
       const std::int64_t rows = (l_end < p.L ? p.level_start[l_end] : p.S) - first_row;
       const std::int64_t s_begin = l_begin * P, s_end = l_end * P;
@@ -502,9 +508,9 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
           for (std::int64_t d = 0; d < D; ++d) acc[r * acc_stride + d] = 0;
       }
 
-      for (std::int64_t q = 0; q < p.Q; ++q) {
+      for (std::int64_t q = q_begin; q < q_end; ++q) {
         const std::int64_t first = p.sample_index(n, q, m, l_begin, 0), count = s_end - s_begin;
-        if (q + kPrefetchQueries < p.Q) {
+        if (q + kPrefetchQueries < q_end) {
           prefetch_samples(p, p.sample_index(n, q + kPrefetchQueries, m, l_begin, 0), count);
           prefetch(grad_out + p.output_offset(n, q + kPrefetchQueries, m), static_cast<std::size_t>(D) * sizeof(V));
         }
