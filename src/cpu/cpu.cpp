@@ -61,12 +61,12 @@ struct ScratchBuffer {
       scratch.group_capacity = static_cast<std::int64_t>((LP + 7) / 8 * 8);
       scratch.group_bytes = round_up(static_cast<std::size_t>(scratch.group_capacity) * kGroupBytesPerSample);
       scratch.grads_bytes = round_up(LP * 3 * 8);
-      const bool in_place = p.problem->value_dtype == DType::f32 || p.problem->value_dtype == DType::f64;
-      if (p.grad_value && !in_place) {  // an f32 copy of one part's grad_value rows
+      if (p.grad_value) {  // one part's grad_value rows in the compute type
         std::int64_t max_rows = 0;
         for (std::int64_t l = 0; l < p.L; ++l) max_rows = std::max(max_rows, p.height[l] * p.width[l]);
         if (scratch.levels_per_part == p.L) max_rows = p.S;
-        extra = round_up(static_cast<std::size_t>(max_rows * p.D) * 4);
+        const std::size_t compute_bytes = p.problem->value_dtype == DType::f64 ? 8 : 4;
+        extra = round_up(static_cast<std::size_t>(max_rows * p.D) * compute_bytes);
       }
     } else {
       scratch.group_capacity = static_cast<std::int64_t>((LP + 7) / 8 * 8);
