@@ -395,53 +395,64 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
       group.width[s] = p.width_f[s / p.P];
       group.level_offset[s] = p.level_start[s / p.P] * row_stride * static_cast<std::int64_t>(sizeof(V));
     }
+    const std::int64_t cap = scratch.group_capacity;
+    auto finish = [&](std::int64_t n, std::int64_t q, std::int64_t m) {
+      if constexpr (kAccs == 4) {
+        acc[0].add(acc[1]);
+        acc[2].add(acc[3]);
+        acc[0].add(acc[2]);
+      }
+      acc[0].store_row(out + p.output_offset(n, q, m));
+    };
     if (staged) stage_value(p, value, staged);  // ends in a barrier: the copy is complete
 #pragma omp for schedule(static)
     for (std::int64_t job = 0; job < p.N * blocks_per_n; ++job) {
       const std::int64_t n = job / blocks_per_n, q_begin = job % blocks_per_n * block;
       const std::int64_t q_end = q_begin + block < p.Q ? q_begin + block : p.Q;
-      for (std::int64_t m = 0; m < p.M; ++m) {
-        if (staged)
-          for (std::int64_t l = 0; l < p.L; ++l)
-            level_base[l] = staged + ((n * p.M + m) * p.padded_rows + p.padded_start[l]) * D;
-        for (std::int64_t q = q_begin; q < q_end; ++q) {
-          // With heads walked one at a time, a query's samples sit M*L*P apart: fetch ahead.
-          if (q + kPrefetchQueries < q_end) prefetch_samples(p, p.sample_index(n, q + kPrefetchQueries, m, 0, 0), LP);
-          group.load(p, p.sample_index(n, q, m, 0, 0), LP, 0);
-          for (int k = 0; k < kAccs; ++k) acc[k].zero();
-          const std::int64_t cap = group.capacity;
-          if (staged) {
-            group.locate(LP);
-            // Every corner of an in-range sample is a row of the padded copy (zero off the map):
-            // two contiguous pairs per sample, no per-corner checks.
-            for (std::int64_t l = 0, s = 0; l < p.L; ++l) {
-              const V* base = level_base[l];
-              const std::int64_t down = (p.width[l] + 2) * D;
-              for (std::int64_t pt = 0; pt < p.P; ++pt, ++s) {
-                const std::int64_t row = group.padded[s];
-                if (row < 0) continue;
-                const V* top = base + row * D;
-                const C a = static_cast<C>(group.a[s]);
-                acc[0].add_scaled(top, a * group.bilinear[s]);
-                acc[1 % kAccs].add_scaled(top + D, a * group.bilinear[cap + s]);
-                acc[2 % kAccs].add_scaled(top + down, a * group.bilinear[2 * cap + s]);
-                acc[3 % kAccs].add_scaled(top + down + D, a * group.bilinear[3 * cap + s]);
-              }
-            }
-          } else {
+      if (!staged) {
+        for (std::int64_t m = 0; m < p.M; ++m)
+          for (std::int64_t q = q_begin; q < q_end; ++q) {
+            // Walking heads one at a time, a query's samples sit M*L*P apart: fetch ahead (with
+            // all heads of a query at once, reads are sequential and the hardware prefetches).
+            if (block > 1 && q + kPrefetchQueries < q_end)
+              prefetch_samples(p, p.sample_index(n, q + kPrefetchQueries, m, 0, 0), LP);
+            group.load(p, p.sample_index(n, q, m, 0, 0), LP, 0);
             // Branch-free taps: an address and a weight per corner (zero_row and 0 off the map).
             group.locate_taps(LP, reinterpret_cast<std::int64_t>(value + p.value_offset(n, 0, m)),
                               row_stride * static_cast<std::int64_t>(sizeof(V)), reinterpret_cast<std::int64_t>(zero_row));
+            for (int k = 0; k < kAccs; ++k) acc[k].zero();
             for (std::int64_t s = 0; s < LP; ++s)
               for (int c = 0; c < 4; ++c)
                 acc[c % kAccs].add_scaled(reinterpret_cast<const V*>(group.pixel[c * cap + s]), group.bilinear[c * cap + s]);
+            finish(n, q, m);
           }
-          if constexpr (kAccs == 4) {
-            acc[0].add(acc[1]);
-            acc[2].add(acc[3]);
-            acc[0].add(acc[2]);
+        continue;
+      }
+      for (std::int64_t m = 0; m < p.M; ++m) {
+        for (std::int64_t l = 0; l < p.L; ++l)
+          level_base[l] = staged + ((n * p.M + m) * p.padded_rows + p.padded_start[l]) * D;
+        for (std::int64_t q = q_begin; q < q_end; ++q) {
+          if (q + kPrefetchQueries < q_end) prefetch_samples(p, p.sample_index(n, q + kPrefetchQueries, m, 0, 0), LP);
+          group.load(p, p.sample_index(n, q, m, 0, 0), LP, 0);
+          group.locate(LP);
+          for (int k = 0; k < kAccs; ++k) acc[k].zero();
+          // Every corner of an in-range sample is a row of the padded copy (zero off the map):
+          // two contiguous pairs per sample, no per-corner checks.
+          for (std::int64_t l = 0, s = 0; l < p.L; ++l) {
+            const V* base = level_base[l];
+            const std::int64_t down = (p.width[l] + 2) * D;
+            for (std::int64_t pt = 0; pt < p.P; ++pt, ++s) {
+              const std::int64_t row = group.padded[s];
+              if (row < 0) continue;
+              const V* top = base + row * D;
+              const C a = static_cast<C>(group.a[s]);
+              acc[0].add_scaled(top, a * group.bilinear[s]);
+              acc[1 % kAccs].add_scaled(top + D, a * group.bilinear[cap + s]);
+              acc[2 % kAccs].add_scaled(top + down, a * group.bilinear[2 * cap + s]);
+              acc[3 % kAccs].add_scaled(top + down + D, a * group.bilinear[3 * cap + s]);
+            }
           }
-          acc[0].store_row(out + p.output_offset(n, q, m));
+          finish(n, q, m);
         }
       }
     }
