@@ -65,7 +65,11 @@ Prepared prepare(const at::Tensor& value, const at::Tensor& spatial_shapes, cons
   return p;
 }
 
-Options options() { return Options{at::get_num_threads(), Backend::automatic}; }
+Options options() {
+  Options o;
+  o.threads = at::get_num_threads();  // follows torch.set_num_threads, like torch's own ops
+  return o;
+}
 
 // msda::Error becomes c10::ValueError (Python ValueError) with the core's message.
 template <class F>
