@@ -49,6 +49,9 @@ Params prepare(const Problem& problem, const Inputs& inputs, const Options& opti
   require_pointer(inputs.attention_weights, n.samples, "attention_weights");
   if (options.tuning.query_block < 0)
     throw Error("options.tuning.query_block", ">= 0 (0 = the default)", std::to_string(options.tuning.query_block));
+  if (options.tuning.accumulator_budget < 0)
+    throw Error("options.tuning.accumulator_budget", ">= 0 bytes (0 = the default)",
+                std::to_string(options.tuning.accumulator_budget));
 
   Params params;
   params.problem = &problem;
@@ -80,6 +83,7 @@ Params prepare(const Problem& problem, const Inputs& inputs, const Options& opti
   if (options.tuning.query_block > 0) params.query_block = options.tuning.query_block;
   params.stage_value = options.tuning.stage_value;
   params.level_parts = options.tuning.level_parts;
+  if (options.tuning.accumulator_budget > 0) params.accumulator_budget = options.tuning.accumulator_budget;
   return params;
 }
 

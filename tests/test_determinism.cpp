@@ -123,5 +123,33 @@ TEST(DeterminismManyThreads, LocationAndWeightGradientsOnly) {
   }
 }
 
+// Maps too large for the per-thread accumulator are cut into bands of rows (a tiny budget forces
+// it here): the bits must equal the unbanded result's, at any thread count.
+TEST(DeterminismManyThreads, BandedAccumulatorGivesTheSameBits) {
+  Shape s;
+  s.batch = 2, s.heads = 2, s.channels = 32, s.queries = 300, s.points = 4;
+  s.levels = {{24, 30}, {12, 15}};
+  for (DType dtype : {DType::f32, DType::bf16}) {
+    const Case c = make_case(s, {dtype, dtype, dtype}, Locations::unit, case_seed(0));
+    for (msda::Isa isa : cpu_isas()) {
+      SCOPED_TRACE("isa " + std::string(msda::name(isa)) + " " + c.label);
+      Results whole(c.problem);
+      run_all(c.problem, c.tensors, whole, {1, Backend::cpu, isa});
+      for (std::int64_t budget : {std::int64_t(4096), std::int64_t(100 * 32 * 4 + 1)}) {
+        for (int t : {1, 3}) {
+          SCOPED_TRACE("budget=" + std::to_string(budget) + " threads=" + std::to_string(t));
+          msda::Options o{t, Backend::cpu, isa};
+          o.tuning.accumulator_budget = budget;
+          Results banded(c.problem);
+          run_all(c.problem, c.tensors, banded, o);
+          EXPECT_TRUE(banded.grad_value.same_bytes(whole.grad_value)) << "grad_value";
+          EXPECT_TRUE(banded.grad_locations.same_bytes(whole.grad_locations)) << "grad_sampling_locations";
+          EXPECT_TRUE(banded.grad_weights.same_bytes(whole.grad_weights)) << "grad_attention_weights";
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace msda_test

@@ -109,6 +109,10 @@ struct CpuTuning {
   // with all its levels, or one level of it when there are fewer (batch, head) pairs than
   // threads. true: always one level per part.
   bool level_parts = false;
+  // backward: the bytes of grad_value rows one thread sums at a time (its per-thread workspace);
+  // a larger part is cut into levels, then into bands of rows (each pass re-reads the samples).
+  // 0 = the default, 64 MiB.
+  std::int64_t accumulator_budget = 0;
 };
 
 struct Options {

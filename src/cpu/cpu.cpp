@@ -44,33 +44,67 @@ Target target_for(Isa requested) {
               std::string(name(requested)));
 }
 
+// How the backward splits its work into parts (see backward() below). Every field is chosen from
+// the problem and the thread count only; none changes the order of any sum.
+struct BackwardPlan {
+  std::int64_t levels_per_part = 1;  // all levels (a (batch, head) part) or 1
+  std::int64_t query_parts = 1;      // > 1 only without grad_value
+  std::int64_t band_rows = 0;        // grad_value rows per band of a level; 0: whole levels
+  std::int64_t bands = 1;
+};
+
+// The grad_value rows of a part are summed in a per-thread copy in the compute type; above
+// Params::accumulator_budget bytes (64 MiB by default) a part shrinks to one level, then to bands
+// of a level's rows.
+
+std::int64_t compute_bytes(const Params& p) { return p.problem->value_dtype == DType::f64 ? 8 : 4; }
+
+std::int64_t max_level_rows(const Params& p) {
+  std::int64_t rows = 0;
+  for (std::int64_t l = 0; l < p.L; ++l) rows = std::max(rows, p.height[l] * p.width[l]);
+  return rows;
+}
+
+BackwardPlan plan_scatter(const Params& p) {
+  BackwardPlan plan;
+  const std::int64_t row_bytes = p.D * compute_bytes(p);
+  // Parts of (n, m) and all levels read and write each sample's data once, in order; with fewer
+  // (n, m) pairs than threads, parts of one level each keep every thread busy.
+  const std::int64_t budget = p.accumulator_budget;
+  if (p.N * p.M >= p.threads && !p.level_parts && (!p.grad_value || p.S * row_bytes <= budget))
+    plan.levels_per_part = p.L;
+  const std::int64_t rows = plan.levels_per_part == p.L ? p.S : max_level_rows(p);
+  if (p.grad_value && rows * row_bytes > budget) {
+    plan.band_rows = std::max<std::int64_t>(1, budget / row_bytes);
+    plan.bands = (rows + plan.band_rows - 1) / plan.band_rows;
+  }
+  return plan;
+}
+
 // 64-byte aligned per-thread scratch; its layout is Scratch's.
 struct ScratchBuffer {
   std::unique_ptr<std::byte[]> storage;
   Scratch scratch;
 
-  ScratchBuffer(const Params& p, bool backward) {
+  ScratchBuffer(const Params& p, const BackwardPlan* plan) {
     auto round_up = [](std::size_t x) { return (x + 63) / 64 * 64; };
     const auto LP = static_cast<std::size_t>(p.L * p.P);
     scratch.channels_bytes = round_up(static_cast<std::size_t>(p.D) * 8);
+    scratch.group_capacity = static_cast<std::int64_t>((LP + 7) / 8 * 8);
+    scratch.group_bytes = round_up(static_cast<std::size_t>(scratch.group_capacity) * kGroupBytesPerSample);
     std::size_t extra = 0;
-    if (backward) {
-      // Parts of (n, m) and all levels read and write each sample's data once, in order; with
-      // fewer (n, m) pairs than threads, parts of one level each keep every thread busy.
-      scratch.levels_per_part = p.N * p.M >= p.threads && !p.level_parts ? p.L : 1;
-      scratch.group_capacity = static_cast<std::int64_t>((LP + 7) / 8 * 8);
-      scratch.group_bytes = round_up(static_cast<std::size_t>(scratch.group_capacity) * kGroupBytesPerSample);
+    if (plan) {
+      scratch.levels_per_part = plan->levels_per_part;
+      scratch.query_parts = plan->query_parts;
+      scratch.band_rows = plan->band_rows;
+      scratch.bands = plan->bands;
       scratch.grads_bytes = round_up(LP * 3 * 8);
-      if (p.grad_value) {  // one part's grad_value rows in the compute type
-        std::int64_t max_rows = 0;
-        for (std::int64_t l = 0; l < p.L; ++l) max_rows = std::max(max_rows, p.height[l] * p.width[l]);
-        if (scratch.levels_per_part == p.L) max_rows = p.S;
-        const std::size_t compute_bytes = p.problem->value_dtype == DType::f64 ? 8 : 4;
-        extra = round_up(static_cast<std::size_t>(max_rows * p.D) * compute_bytes);
+      if (p.grad_value) {  // one part's (or band's) grad_value rows in the compute type
+        std::int64_t rows = plan->levels_per_part == p.L ? p.S : max_level_rows(p);
+        if (plan->band_rows > 0) rows = std::min(rows, plan->band_rows);
+        extra = round_up(static_cast<std::size_t>(rows * p.D * compute_bytes(p)));
       }
     } else {
-      scratch.group_capacity = static_cast<std::int64_t>((LP + 7) / 8 * 8);
-      scratch.group_bytes = round_up(static_cast<std::size_t>(scratch.group_capacity) * kGroupBytesPerSample);
       // One base pointer per level, then a zero row (grads_bytes is the pointers' share).
       scratch.grads_bytes = round_up(static_cast<std::size_t>(p.L) * sizeof(void*));
       extra = round_up(static_cast<std::size_t>(p.D) * 8);
@@ -111,36 +145,41 @@ struct StagedValue {
 
 void forward(const Params& params) {
   const Target target = target_for(params.isa);
-  ScratchBuffer buffer(params, false);
+  ScratchBuffer buffer(params, nullptr);
   StagedValue staged(params);
   buffer.scratch.staged_value = staged.memory.get();
   target.forward(params, buffer.scratch);
 }
 
 // The backward's unit of parallel work is a part that owns grad_value rows: a (batch, head),
-// or one level of it. With more threads than N*M*L parts, the work is split in two passes that
-// both use every thread: first the location and weight gradients (the dot products, about half
-// the work), whose parts are (batch, head, query range) because they own no grad_value row; then
-// the grad_value scatter alone over N*M*L parts. Each output is computed by the same arithmetic
-// in the same order as in one pass, so the bits do not change.
+// or one level of it, or (for maps whose rows would not fit the accumulator budget) a band of a
+// level's rows. When the parts are fewer than the threads, or banded, the work is split in two
+// passes: first the location and weight gradients (the dot products, about half the work), whose
+// parts are (batch, head, query range) because they own no grad_value row; then the grad_value
+// scatter alone. Each output is computed by the same arithmetic in the same order as in one
+// pass, so the bits do not change.
 void backward(const Params& params) {
   const Target target = target_for(params.isa);
   const bool wants_dots = params.grad_locations || params.grad_weights;
-  if (params.threads <= params.N * params.M * params.L || !params.grad_value || !wants_dots) {
-    ScratchBuffer buffer(params, true);
-    if (!params.grad_value && params.threads > params.N * params.M) {
-      buffer.scratch.levels_per_part = params.L;
-      buffer.scratch.query_parts = (params.threads + params.N * params.M - 1) / (params.N * params.M) * 4;
-    }
+  if (!params.grad_value) {  // the dot products alone: no rows owned, any query split works
+    BackwardPlan plan;
+    plan.levels_per_part = params.L;
+    if (params.threads > params.N * params.M)
+      plan.query_parts = (params.threads + params.N * params.M - 1) / (params.N * params.M) * 4;
+    ScratchBuffer buffer(params, &plan);
     target.backward(params, buffer.scratch);
     return;
   }
-  Params dots = params;
-  dots.grad_value = nullptr;
-  backward(dots);
+  const BackwardPlan scatter_plan = plan_scatter(params);
+  const std::int64_t parts = params.N * params.M * (params.L / scatter_plan.levels_per_part) * scatter_plan.bands;
   Params scatter = params;
-  scatter.grad_locations = scatter.grad_weights = nullptr;
-  ScratchBuffer buffer(scatter, true);
+  if (wants_dots && (params.threads > parts || scatter_plan.bands > 1)) {
+    Params dots = params;
+    dots.grad_value = nullptr;
+    backward(dots);
+    scatter.grad_locations = scatter.grad_weights = nullptr;
+  }
+  ScratchBuffer buffer(scatter, &scatter_plan);
   target.backward(scatter, buffer.scratch);
 }
 

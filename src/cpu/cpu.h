@@ -29,6 +29,8 @@ struct Scratch {
   std::int64_t group_capacity = 0; // samples per geometry group, a multiple of 8
   std::int64_t levels_per_part = 0; // backward: levels of one part (all of them, or 1)
   std::int64_t query_parts = 1;     // backward without grad_value: query ranges per part
+  std::int64_t band_rows = 0;       // backward scatter: rows per band of a level (0: no bands)
+  std::int64_t bands = 1;
   void* staged_value = nullptr;    // forward: the padded head-major copy of value, or null
   std::byte* for_thread(int thread) const { return base + static_cast<std::size_t>(thread) * stride; }
 };

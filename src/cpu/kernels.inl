@@ -474,7 +474,8 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
   using C = Compute<V>;
   const std::int64_t D = kD > 0 ? kD : p.D, row_stride = p.M * D, P = p.P, LP = p.L * P;
   const std::int64_t levels_per_part = scratch.levels_per_part, level_parts = p.L / levels_per_part;
-  const std::int64_t query_parts = scratch.query_parts, parts_per_nm = level_parts * query_parts;
+  const std::int64_t query_parts = scratch.query_parts, bands = scratch.bands;
+  const std::int64_t parts_per_nm = level_parts * query_parts * bands;
   const V* value = static_cast<const V*>(p.value);
   const V* grad_out = static_cast<const V*>(p.grad_output);
   V* grad_value = static_cast<V*>(p.grad_value);
@@ -493,14 +494,22 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
     }
 #pragma omp for schedule(static)
     for (std::int64_t part = 0; part < p.N * p.M * parts_per_nm; ++part) {
-      const std::int64_t n = part / (p.M * parts_per_nm), m = part / parts_per_nm % p.M;
-      const std::int64_t l_begin = part % parts_per_nm / query_parts * levels_per_part, l_end = l_begin + levels_per_part;
-      // Query ranges split a part only when grad_value is not computed (cpu.cpp): they own
-      // their samples' gradients but could not own grad_value rows.
-      const std::int64_t q_part = part % query_parts, q_size = (p.Q + query_parts - 1) / query_parts;
+      const std::int64_t n = part / (p.M * parts_per_nm), m = part / parts_per_nm % p.M, unit = part % parts_per_nm;
+      const std::int64_t band = unit % bands, q_part = unit / bands % query_parts;
+      const std::int64_t l_begin = unit / bands / query_parts * levels_per_part, l_end = l_begin + levels_per_part;
+      // Query ranges split a part only when grad_value is not computed, and bands only when the
+      // location and weight gradients are not (cpu.cpp): a query range owns its samples'
+      // gradients but could not own grad_value rows; a band owns rows but not whole samples.
+      const std::int64_t q_size = (p.Q + query_parts - 1) / query_parts;
       const std::int64_t q_begin = q_part * q_size, q_end = q_begin + q_size < p.Q ? q_begin + q_size : p.Q;
-      const std::int64_t first_row = p.level_start[l_begin];
-      const std::int64_t rows = (l_end < p.L ? p.level_start[l_end] : p.S) - first_row;
+      // The part's rows, counted from its first level's first row: [row_begin, row_end).
+      const std::int64_t part_rows = (l_end < p.L ? p.level_start[l_end] : p.S) - p.level_start[l_begin];
+      const std::int64_t row_begin = scratch.band_rows > 0 ? band * scratch.band_rows : 0;
+      const std::int64_t row_end = scratch.band_rows > 0 && row_begin + scratch.band_rows < part_rows
+                                       ? row_begin + scratch.band_rows
+                                       : part_rows;
+      const std::int64_t first_row = p.level_start[l_begin] + row_begin;
+      const std::int64_t rows = row_end > row_begin ? row_end - row_begin : 0;
       const std::int64_t s_begin = l_begin * P, s_end = l_end * P;
       // acc + r * D accumulates grad_value[n, first_row + r, m, :] in the compute type, in a
       // contiguous copy of the part's rows (head-major: denser in cache and TLB than the
@@ -521,7 +530,8 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
         g.load_row(grad_out + p.output_offset(n, q, m));
         for (std::int64_t l = l_begin, s = s_begin; l < l_end; ++l) {
           const V* level = value + p.value_offset(n, p.level_start[l], m);
-          C* level_acc = acc ? acc + (p.level_start[l] - first_row) * acc_stride : nullptr;
+          // Pixel k of level l is row level_row + k of this part's accumulator, if in [0, rows).
+          const std::int64_t level_row = p.level_start[l] - first_row;
           const C H = static_cast<C>(p.height_f[l]), W = static_cast<C>(p.width_f[l]);
           for (std::int64_t pt = 0; pt < P; ++pt, ++s) {
             const C a = static_cast<C>(group.a[s]);
@@ -559,9 +569,12 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
               grads[count + 2 * k] = a * W * sums[1];
               grads[count + 2 * k + 1] = a * H * sums[2];
             }
-            if (level_acc)
-              for (int c = 0; c < 4; ++c)
-                if (pixel[c] >= 0) g.add_scaled_into(level_acc + pixel[c] * acc_stride, a * w[c]);
+            if (acc)
+              for (int c = 0; c < 4; ++c) {
+                const std::int64_t row = level_row + pixel[c];
+                if (pixel[c] >= 0 && static_cast<std::uint64_t>(row) < static_cast<std::uint64_t>(rows))
+                  g.add_scaled_into(acc + row * acc_stride, a * w[c]);
+              }
           }
         }
         if (p.grad_weights) store_values(p.grad_weights, first, count, p.problem->weight_dtype, grads);
