@@ -7,7 +7,6 @@
 #include <utility>
 
 #include "cpu/cpu.h"
-#include "cpu/geometry.h"
 #include "numeric.h"
 
 #define MSDA_VEC_BYTES 32
