@@ -20,19 +20,8 @@
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
+using msda::workloads::median_ms;
 
-double median_ms(int repeats, const std::function<void()>& f) {
-  f();  // warm-up: page faults, caches
-  std::vector<double> times;
-  for (int r = 0; r < repeats; ++r) {
-    const auto start = Clock::now();
-    f();
-    times.push_back(std::chrono::duration<double, std::milli>(Clock::now() - start).count());
-  }
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
-}
 
 // The gather floor: for every sample, in the forward kernel's order (blocks of queries, one head
 // at a time), load exactly the in-range corner rows it loads and add them to a running sum, with

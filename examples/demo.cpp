@@ -17,19 +17,8 @@
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
+using msda::workloads::median_ms;
 
-template <class F>
-double median_ms(int repeats, F&& f) {
-  std::vector<double> times;
-  for (int r = 0; r < repeats; ++r) {
-    const auto start = Clock::now();
-    f();
-    times.push_back(std::chrono::duration<double, std::milli>(Clock::now() - start).count());
-  }
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
-}
 
 msda::DType parse_dtype(const std::string& s) {
   for (msda::DType d : {msda::DType::f32, msda::DType::f64, msda::DType::bf16, msda::DType::f16})
@@ -109,10 +98,9 @@ int main(int argc, char** argv) try {
   const auto g64 = as64(grad_out, problem.value_dtype, out_n);
   const msda::Inputs in64{v64.data(), l64.data(), w64.data()};
   std::vector<double> ref_out(out_n), ref_gv(value_n), ref_gl(2 * samples), ref_gw(samples);
-  const double ref_fwd_ms = median_ms(1, [&] { msda::forward(problem64, in64, ref_out.data(), ref); });
-  const double ref_bwd_ms = median_ms(1, [&] {
-    msda::backward(problem64, in64, g64.data(), {ref_gv.data(), ref_gl.data(), ref_gw.data()}, ref);
-  });
+  const double ref_fwd_ms = median_ms(1, [&] { msda::forward(problem64, in64, ref_out.data(), ref); }, 0);
+  const double ref_bwd_ms = median_ms(
+      1, [&] { msda::backward(problem64, in64, g64.data(), {ref_gv.data(), ref_gl.data(), ref_gw.data()}, ref); }, 0);
 
   using msda::workloads::relative_error, msda::workloads::to_double;
   const double e_out = relative_error(to_double(out.data(), problem.value_dtype, out_n), ref_out);

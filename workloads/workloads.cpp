@@ -1,5 +1,7 @@
 #include "workloads.h"
 
+#include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <random>
 #include <stdexcept>
@@ -164,6 +166,18 @@ double relative_error(const std::vector<double>& got, const std::vector<double>&
   }
   if (norm == 0) return diff == 0 ? 0 : INFINITY;
   return std::sqrt(diff / norm);
+}
+
+double median_ms(int repeats, const std::function<void()>& f, int warmups) {
+  for (int w = 0; w < warmups; ++w) f();  // page faults, caches
+  std::vector<double> times;
+  for (int r = 0; r < std::max(repeats, 1); ++r) {
+    const auto start = std::chrono::steady_clock::now();
+    f();
+    times.push_back(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
 }
 
 }  // namespace msda::workloads

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -50,5 +51,8 @@ std::vector<double> to_double(const void* data, DType dtype, std::int64_t count)
 // ||got - want|| / ||want|| in double; infinite if anything in `got` is NaN or inf where
 // `want` is finite, so a NaN never passes.
 double relative_error(const std::vector<double>& got, const std::vector<double>& want);
+
+// Median wall time of `repeats` calls of f, in milliseconds, after `warmups` untimed calls.
+double median_ms(int repeats, const std::function<void()>& f, int warmups = 1);
 
 }  // namespace msda::workloads
