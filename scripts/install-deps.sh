@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs, from Debian 12's packages, whatever msda's build, tests and benchmarks need and this
-# machine lacks. Idempotent: does nothing (and needs no network) when all are present.
+# machine lacks, plus any packages named as arguments. Idempotent: does nothing (and needs no
+# network) when all are present.
 set -euo pipefail
 
 packages=(
@@ -10,6 +11,7 @@ packages=(
   libtorch-dev python3-torch python3-pytest python3-numpy  # the PyTorch op and its tests
   python3-matplotlib        # charts of the benchmark report
   libopenblas0-pthread      # torch's Linear layers: the default reference BLAS is ~14x slower
+  "$@"
 )
 
 missing=()

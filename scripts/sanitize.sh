@@ -21,19 +21,10 @@ fuzz_cxx=${MSDA_FUZZ_CXX:-g++}
 jobs=${MSDA_SANITIZE_JOBS:-$(nproc)}
 llvm_lib=${MSDA_LLVM_LIBDIR:-/usr/lib/llvm-14/lib}  # libomp.so and libarcher.so
 
-packages=(g++ cmake make libgtest-dev libomp-14-dev libclang-rt-14-dev)
-[[ $fuzz_cxx == clang* ]] && packages+=(clang-14)
-missing=()
-for p in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
-done
-if ((${#missing[@]})); then
-  echo "msda sanitize: installing ${missing[*]}"
-  sudo=""
-  [[ $(id -u) -eq 0 ]] || sudo="sudo"
-  $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" || exit 1
-fi
+# LLVM's OpenMP runtime and Archer (TSan), clang's libFuzzer runtime, beside the usual build.
+extra=(libomp-14-dev libclang-rt-14-dev)
+[[ $fuzz_cxx == clang* ]] && extra+=(clang-14)
+scripts/install-deps.sh "${extra[@]}" || exit 1
 
 # The OpenMP threads of these short runs sleep instead of spinning between parallel regions: on a
 # machine with few cores spinning threads starve the rest (and TSan makes spinning expensive).
