@@ -62,7 +62,7 @@ record "asan+ubsan build" $t $status
 if [[ $status -eq 0 ]]; then
   echo "== msda sanitize: C++ tests under ASan + UBSan + LSan"
   t=$SECONDS
-  build-asan/tests/msda_tests --gtest_brief=1 2>&1 | tee build-asan/tests.log
+  timeout -k 10 1200 build-asan/tests/msda_tests --gtest_brief=1 2>&1 | tee build-asan/tests.log
   status=$?
   record "asan+ubsan C++ tests" $t $status "$(grep -Eo '[0-9]+ tests? from [0-9]+ test suites? ran' build-asan/tests.log | head -n 1)"
   t=$SECONDS
@@ -88,7 +88,8 @@ if [[ $status -eq 0 ]]; then
   t=$SECONDS
   OMP_TOOL_LIBRARIES="$llvm_lib/libarcher.so" ARCHER_OPTIONS=verbose=1 \
     TSAN_OPTIONS="ignore_noninstrumented_modules=1 exitcode=66 ${TSAN_OPTIONS:-}" \
-    build-tsan/tests/msda_tests --gtest_brief=1 --gtest_filter='*Determinism*:*Thread*' >build-tsan/tests.log 2>&1
+    timeout -k 10 1200 build-tsan/tests/msda_tests --gtest_brief=1 --gtest_filter='*Determinism*:*Thread*' \
+    >build-tsan/tests.log 2>&1
   status=$?
   grep -v '^Archer detected' build-tsan/tests.log
   if ! grep -q 'Archer detected OpenMP application with TSan' build-tsan/tests.log; then
@@ -110,8 +111,11 @@ if [[ $status -eq 0 ]]; then
   echo "== msda sanitize: fuzz_msda for ${fuzz_seconds}s from fuzz/corpus"
   t=$SECONDS
   mkdir -p build-fuzz/corpus build-fuzz/artifacts
-  build-fuzz/fuzz/fuzz_msda -max_total_time="$fuzz_seconds" -timeout=30 -rss_limit_mb=4096 -print_final_stats=1 \
-    -artifact_prefix=build-fuzz/artifacts/ build-fuzz/corpus fuzz/corpus >build-fuzz/fuzz.log 2>&1
+  # -timeout: one input may take 30 s at most; the outer timeout ends a process whose crash
+  # handling itself hangs (two OpenMP threads failing at once).
+  timeout -k 10 $((fuzz_seconds + 120)) build-fuzz/fuzz/fuzz_msda -max_total_time="$fuzz_seconds" -timeout=30 \
+    -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix=build-fuzz/artifacts/ build-fuzz/corpus fuzz/corpus \
+    >build-fuzz/fuzz.log 2>&1
   status=$?
   if ((status)); then
     grep -v -E '^#[0-9]+ +(NEW|REDUCE|pulse)' build-fuzz/fuzz.log | tail -n 80

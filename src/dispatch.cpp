@@ -1,6 +1,8 @@
 // The public entry points: problem -> checks -> backend. Nothing here computes.
 #include <omp.h>
 
+#include <cstring>
+
 #include "cpu/cpu.h"
 #include "msda/msda.h"
 #include "params.h"
@@ -106,7 +108,15 @@ void backward(const Problem& problem, const Inputs& inputs, const void* grad_out
   Params params = prepare(problem, inputs, options);
   const Counts n = counts(problem);
   require_pointer(grad_output, n.output, "grad_output");
-  if (n.value == 0 && n.samples == 0) return;
+  if (n.samples == 0) {
+    // No sample (N or Q or M is 0): grad_value is all zeros (the bits of +0.0 in every dtype)
+    // and there are no location or weight gradients. Returning here also keeps per-sample
+    // scratch sizes (which scale with L*P) from being computed for a P that only an empty
+    // tensor can have.
+    if (gradients.value && n.value > 0)
+      std::memset(gradients.value, 0, static_cast<std::size_t>(n.value) * size_of(problem.value_dtype));
+    return;
+  }
   params.grad_output = grad_output;
   params.grad_value = gradients.value;
   params.grad_locations = gradients.sampling_locations;

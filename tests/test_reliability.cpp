@@ -182,16 +182,17 @@ TEST(FailurePaths, AllocationFailureIsBadAllocAndWritesNothing) {
   GTEST_SKIP() << "AddressSanitizer's operator new reports out-of-memory and aborts instead of throwing";
 #endif
   msda::Problem p;
-  p.batch = 1, p.queries = 0, p.heads = 1, p.channels = 1, p.points = 1;
+  p.batch = 1, p.queries = 1, p.heads = 1, p.channels = 1, p.points = 1;
   p.levels = {{std::int64_t(1) << 20, std::int64_t(1) << 20}};
   p.level_start_index = msda::level_starts(p.levels);
   p.value_len = std::int64_t(1) << 40;
-  // Q = 0: the kernels read no value and no sample; the only work is zeroing grad_value, after
-  // the accumulator allocation that fails. The small buffers stand in for the 2 TiB tensors.
-  std::vector<float> value(16, 1.0f), grad_value(16, 7.0f), empty(1);
+  // One sample; the only allocation that fails is the per-thread accumulator of the 2^40 rows,
+  // made before any kernel runs, so the small buffers standing in for the 2 TiB tensors are
+  // never read or written.
+  std::vector<float> value(16, 1.0f), grad_value(16, 7.0f), locations{0.5f, 0.5f}, weights{1.0f}, grad_out{1.0f};
   msda::Options o{1, Backend::cpu};
   o.tuning.accumulator_budget = std::int64_t(1) << 62;
-  EXPECT_THROW(msda::backward(p, {value.data(), empty.data(), empty.data()}, empty.data(),
+  EXPECT_THROW(msda::backward(p, {value.data(), locations.data(), weights.data()}, grad_out.data(),
                               {grad_value.data(), nullptr, nullptr}, o),
                std::bad_alloc);
   for (float x : grad_value) EXPECT_EQ(x, 7.0f);

@@ -87,6 +87,9 @@ struct ScratchBuffer {
   Scratch scratch;
 
   ScratchBuffer(const Params& p, const BackwardPlan* plan) {
+    // L*P samples of one query live in scratch: a P whose arrays cannot exist is a bad_alloc,
+    // never a wrapped size (validate() bounds L*P only by the sampling tensors' byte count).
+    if (p.L * p.P > (std::int64_t(1) << 40) || p.D > (std::int64_t(1) << 40)) throw std::bad_alloc();
     auto round_up = [](std::size_t x) { return (x + 63) / 64 * 64; };
     const auto LP = static_cast<std::size_t>(p.L * p.P);
     scratch.channels_bytes = round_up(static_cast<std::size_t>(p.D) * 8);
