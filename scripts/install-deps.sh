@@ -1,16 +1,15 @@
 #!/usr/bin/env bash
 # Installs, from Debian 12's packages, whatever msda's build, tests and benchmarks need and this
 # machine lacks, plus any packages named as arguments. Idempotent: does nothing (and needs no
-# network) when all are present.
+# network) when all are present. PyTorch and the other Python packages come from PyPI into the
+# project's virtual environment (scripts/venv.sh), not from Debian.
 set -euo pipefail
 
 packages=(
   g++ cmake make            # the build
   libgtest-dev              # C++ tests
   libbenchmark-dev          # C++ benchmarks
-  libtorch-dev python3-torch python3-pytest python3-numpy  # the PyTorch op and its tests
-  python3-matplotlib        # charts of the benchmark report
-  libopenblas0-pthread      # torch's Linear layers: the default reference BLAS is ~14x slower
+  python3 python3-venv      # the virtual environment .venv (torch from PyPI)
   "$@"
 )
 

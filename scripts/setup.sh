@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# On a fresh Debian 12 machine: install what is missing, build, install the Python package for
-# /usr/bin/python3, and run the main job: python -m msda.bench, msda against the grid-sample path
-# on every named workload. Arguments go to msda.bench (try --help; --quick for a run of seconds).
+# On a fresh Debian 12 machine: install the Debian packages msda needs, make the virtual
+# environment .venv with PyTorch from PyPI (scripts/venv.sh), `pip install .` msda into it, and
+# run the main job: .venv/bin/python -m msda.bench, msda against the grid-sample path (and
+# transformers' own MSDA) on every named workload. Arguments go to msda.bench (try --help;
+# --quick for a run of seconds). MSDA_PYTHON=/path/to/python uses that environment instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+started=$SECONDS
 scripts/install-deps.sh
-scripts/build.sh
-sudo=""
-[[ $(id -u) -eq 0 ]] || sudo="sudo"
-$sudo cmake --install build >/dev/null
-echo "msda: Python package installed for /usr/bin/python3 ($(cd /tmp && /usr/bin/python3 -c 'import msda, os; print(os.path.dirname(msda.__file__))'))"
-/usr/bin/python3 -m msda.bench "$@"
+python=$(scripts/venv.sh | tail -n 1)
+echo "msda: pip install . into $python"
+"$python" -m pip install -q --no-deps --force-reinstall .
+echo "msda: installed ($(cd /tmp && "$python" -c 'import msda, torch; print(f"msda {msda.__version__} for torch {torch.__version__} in {msda.__path__[0]}")')); setup took $((SECONDS - started)) s"
+"$python" -m msda.bench "$@"

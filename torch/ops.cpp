@@ -113,13 +113,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
     check_grad_output_sizes(p.problem, grad_output.sizes().vec());
     const at::Tensor g = grad_output.contiguous();
 
-    at::Tensor grad_value, grad_locations, grad_weights;
-    if (output_mask[0]) grad_value = at::empty_like(p.value);
-    if (output_mask[1]) grad_locations = at::empty_like(p.locations);
-    if (output_mask[2]) grad_weights = at::empty_like(p.weights);
-    auto ptr = [](at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; };
+    // A gradient that was not asked for is an empty placeholder, not an undefined tensor: the
+    // schema's outputs are plain Tensors, which torch.compile and torch.export require defined.
+    auto gradient = [](const at::Tensor& input, bool wanted) {
+      return wanted ? at::empty_like(input) : at::empty({0}, input.options());
+    };
+    at::Tensor grad_value = gradient(p.value, output_mask[0]);
+    at::Tensor grad_locations = gradient(p.locations, output_mask[1]);
+    at::Tensor grad_weights = gradient(p.weights, output_mask[2]);
+    auto ptr = [](at::Tensor& t, bool wanted) { return wanted ? t.data_ptr() : nullptr; };
     msda::backward(p.problem, {p.value.data_ptr(), p.locations.data_ptr(), p.weights.data_ptr()}, g.data_ptr(),
-                   {ptr(grad_value), ptr(grad_locations), ptr(grad_weights)}, options());
+                   {ptr(grad_value, output_mask[0]), ptr(grad_locations, output_mask[1]),
+                    ptr(grad_weights, output_mask[2])},
+                   options());
     return std::make_tuple(grad_value, grad_locations, grad_weights);
   });
 }

@@ -13,7 +13,7 @@ at::Tensor forward(const at::Tensor& value, const at::Tensor& spatial_shapes, co
                    c10::optional<int64_t> im2col_step);
 
 // Gradients for the inputs flagged in output_mask (value, sampling_locations,
-// attention_weights); an unflagged one comes back undefined.
+// attention_weights); an unflagged one comes back as an empty placeholder of size [0].
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_output, const at::Tensor& value,
                                                         const at::Tensor& spatial_shapes,
                                                         const at::Tensor& level_start_index,

@@ -50,7 +50,9 @@ class MSDeformAttnFunction : public torch::autograd::Function<MSDeformAttnFuncti
     if (!grad.defined() || !(mask[0] || mask[1] || mask[2])) return variable_list(6);
     auto [grad_value, grad_locations, grad_weights] =
         call_backward(grad, saved[0], saved[1], saved[2], saved[3], saved[4], mask);
-    return {grad_value, at::Tensor(), at::Tensor(), grad_locations, grad_weights, at::Tensor()};
+    auto wanted = [](at::Tensor& t, bool flag) { return flag ? t : at::Tensor(); };  // drop placeholders
+    return {wanted(grad_value, mask[0]), at::Tensor(), at::Tensor(), wanted(grad_locations, mask[1]),
+            wanted(grad_weights, mask[2]), at::Tensor()};
   }
 };
 

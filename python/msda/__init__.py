@@ -7,9 +7,9 @@
 The op is differentiable in value, sampling_locations and attention_weights, and is also
 registered as torch.ops.msda.ms_deform_attn for C++ libtorch programs.
 """
+from ._build_info import version as __version__
 from ._library import library_path
 from .functional import ms_deform_attn, ms_deform_attn_pytorch
 from .modules import MSDeformAttn
 
-__version__ = "0.1.0"
 __all__ = ["ms_deform_attn", "ms_deform_attn_pytorch", "MSDeformAttn", "library_path", "__version__"]

@@ -129,7 +129,7 @@ BAD = [
     # devices (the meta device stands in for an accelerator)
     ("loc_other_device", _with(sampling_locations=lambda t: t.to("meta")), ("sampling_locations",)),
     ("shapes_other_device", _with(spatial_shapes=lambda t: t.to("meta")), ("spatial_shapes",)),
-    ("all_on_meta", lambda: {k: t.to("meta") for k, t in base().items()}, ("value",)),
+    ("value_other_device", _with(value=lambda t: t.to("meta")), ("sampling_locations", "spatial_shapes")),
     # sizes whose offsets overflow 64 bits
     ("HW_overflow", _with(spatial_shapes=torch.tensor([[2 ** 32, 2 ** 32], [2, 5]])), ("spatial_shapes",)),
     ("bytes_overflow", _overflowing_bytes, ("value", "sampling_locations", "attention_weights")),
@@ -166,6 +166,22 @@ def test_bad_input_raises_value_error(name, build, names):
     with pytest.raises(ValueError) as e, _below_autograd_if_meta(args):
         torch.ops.msda.ms_deform_attn_backward(g, *args, [True, True, True])
     _check_message(e.value, names)
+
+
+def test_meta_tensors_give_shapes():
+    """All on the meta device is legal: the fake kernels give the outputs' shapes and dtypes
+    (what torch.compile and torch.export trace with), computing nothing."""
+    prob = {k: t.to("meta") for k, t in base().items()}
+    args = [prob[k] for k in ORDER]
+    out = torch.ops.msda.ms_deform_attn(*args, None)
+    n, q = prob["sampling_locations"].shape[:2]
+    m, d = prob["value"].shape[2:]
+    assert out.device.type == "meta" and out.shape == (n, q, m * d) and out.dtype == prob["value"].dtype
+    g = torch.zeros(n, q, m * d, dtype=prob["value"].dtype, device="meta")
+    grads = torch.ops.msda.ms_deform_attn_backward(g, *args, [True, False, True])
+    assert grads[0].shape == prob["value"].shape and grads[0].device.type == "meta"
+    assert grads[1].shape == (0,)
+    assert grads[2].shape == prob["attention_weights"].shape
 
 
 @pytest.mark.parametrize("which", ["shape_last", "shape_Q", "shape_N", "rank4", "rank2", "dtype", "device"])

@@ -18,7 +18,7 @@ import torch
 
 EXAMPLE = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples",
                                         "train_detector.py"))
-PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+PYTHON = sys.executable
 
 # A small configuration: one step in well under a second.
 SMALL = ["--image-size", "64", "--levels", "3", "--d-model", "32", "--heads", "4", "--points", "2",

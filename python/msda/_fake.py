@@ -1,0 +1,84 @@
+"""Fake (meta) kernels of msda's ops: output shapes and dtypes without computing anything, so
+that torch.compile, torch.export, FakeTensor and the meta device trace through the ops, with
+symbolic sizes too. They check what the shapes, dtypes and devices alone decide, with the core
+library's message form (`msda: <argument>: expected ..., got ...`, a ValueError); the checks on
+the contents of spatial_shapes and level_start_index run in the real kernel."""
+import torch
+
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_LAYOUTS = {"value": "[N, S, M, D]", "spatial_shapes": "[L, 2]", "level_start_index": "[L]",
+            "sampling_locations": "[N, Q, M, L, P, 2]", "attention_weights": "[N, Q, M, L, P]",
+            "grad_output": "[N, Q, M*D]"}
+
+
+def _fail(argument, expected, actual):
+    raise ValueError(f"msda: {argument}: expected {expected}, got {actual}")
+
+
+def _check_tensors(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    named = {"value": value, "spatial_shapes": spatial_shapes, "level_start_index": level_start_index,
+             "sampling_locations": sampling_locations, "attention_weights": attention_weights}
+    for name, t in named.items():
+        if t.device != value.device:
+            _fail(name, f"the device of value ({value.device})", str(t.device))
+        rank = _LAYOUTS[name].count(",") + 1
+        if t.dim() != rank:
+            _fail(name, f"{rank} dimensions {_LAYOUTS[name]}", f"{t.dim()} dimensions {list(t.shape)}")
+    for name in ("spatial_shapes", "level_start_index"):
+        if named[name].dtype not in (torch.int64, torch.int32):
+            _fail(name, "an integer tensor (int64 or int32)", str(named[name].dtype))
+    if value.dtype not in _FLOATS:
+        _fail("value", "a floating dtype (float32, float64, bfloat16 or float16)", str(value.dtype))
+    for name in ("sampling_locations", "attention_weights"):
+        if named[name].dtype not in (value.dtype, torch.float32):
+            _fail(name, f"value's dtype ({value.dtype}) or float32", str(named[name].dtype))
+    # Size agreement; symbolic sizes become runtime asserts instead of specialisations.
+    n, _, m, _ = value.shape
+    loc, w = sampling_locations, attention_weights
+    torch._check_value(loc.shape[0] == n, lambda: f"msda: sampling_locations: expected N = {n} (value's), "
+                                                  f"got {list(loc.shape)}")
+    torch._check_value(loc.shape[2] == m, lambda: f"msda: sampling_locations: expected M = {m} (value's), "
+                                                  f"got {list(loc.shape)}")
+    torch._check_value(loc.shape[5] == 2, lambda: f"msda: sampling_locations: expected a last size of 2 (x, y), "
+                                                  f"got {list(loc.shape)}")
+    for i in range(5):
+        torch._check_value(w.shape[i] == loc.shape[i], lambda: f"msda: attention_weights: expected "
+                           f"{list(loc.shape[:5])} (sampling_locations' [N, Q, M, L, P]), got {list(w.shape)}")
+    torch._check_value(spatial_shapes.shape[0] == loc.shape[3] and spatial_shapes.shape[1] == 2,
+                       lambda: f"msda: spatial_shapes: expected [L, 2] with L = {loc.shape[3]}, "
+                               f"got {list(spatial_shapes.shape)}")
+    torch._check_value(level_start_index.shape[0] == loc.shape[3],
+                       lambda: f"msda: level_start_index: expected [L] with L = {loc.shape[3]}, "
+                               f"got {list(level_start_index.shape)}")
+
+
+@torch.library.register_fake("msda::ms_deform_attn")
+def _ms_deform_attn_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+                         im2col_step=None):
+    _check_tensors(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    n, _, m, d = value.shape
+    return value.new_empty((n, sampling_locations.shape[1], m * d))
+
+
+@torch.library.register_fake("msda::ms_deform_attn_backward")
+def _ms_deform_attn_backward_fake(grad_output, value, spatial_shapes, level_start_index, sampling_locations,
+                                  attention_weights, output_mask):
+    _check_tensors(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    if grad_output.device != value.device:
+        _fail("grad_output", f"the device of value ({value.device})", str(grad_output.device))
+    if grad_output.dtype != value.dtype:
+        _fail("grad_output", f"the dtype of value ({value.dtype})", str(grad_output.dtype))
+    n, _, m, d = value.shape
+    expected = (n, sampling_locations.shape[1], m * d)
+    if grad_output.dim() != 3:
+        _fail("grad_output", f"3 dimensions {_LAYOUTS['grad_output']}", f"{grad_output.dim()} dimensions")
+    for got, want in zip(grad_output.shape, expected):
+        torch._check_value(got == want, lambda: f"msda: grad_output: expected sizes {list(expected)}, "
+                                                f"got {list(grad_output.shape)}")
+
+    # An input whose gradient was not asked for gets an empty [0] placeholder (torch/ops.cpp).
+    def grad(t, wanted):
+        return torch.empty_like(t, memory_format=torch.contiguous_format) if wanted else t.new_empty((0,))
+
+    return (grad(value, output_mask[0]), grad(sampling_locations, output_mask[1]),
+            grad(attention_weights, output_mask[2]))
