@@ -61,7 +61,9 @@ class MSDeformAttn(nn.Module):
         n, len_q, _ = query.shape
         n, len_in, _ = input_flatten.shape
         shapes = input_spatial_shapes
-        if int((shapes[:, 0] * shapes[:, 1]).sum()) != len_in:
+        # Reading shapes' contents is data-dependent: under torch.compile/export the op checks S
+        # itself when it runs.
+        if not torch.compiler.is_compiling() and int((shapes[:, 0] * shapes[:, 1]).sum()) != len_in:
             raise ValueError(f"MSDeformAttn: input_flatten has {len_in} rows, "
                              f"expected the sum of H*W over input_spatial_shapes")
 
@@ -70,8 +72,13 @@ class MSDeformAttn(nn.Module):
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(n, len_in, self.n_heads, self.d_model // self.n_heads)
         offsets = self.sampling_offsets(query).view(n, len_q, self.n_heads, self.n_levels, self.n_points, 2)
-        weights = self.attention_weights(query).view(n, len_q, self.n_heads, self.n_levels * self.n_points)
-        weights = F.softmax(weights, -1).view(n, len_q, self.n_heads, self.n_levels, self.n_points)
+        logits = self.attention_weights(query).view(n, len_q, self.n_heads, self.n_levels * self.n_points)
+        # Under autocast (or in a bf16/f16 model) the projections come out in 16 bits; the softmax
+        # and the location arithmetic run in f32 and the op keeps them f32 (SPEC, "Precision": a
+        # bf16 coordinate is only good to ~1/256 of the map).
+        if logits.dtype in (torch.bfloat16, torch.float16):
+            logits, offsets, reference_points = logits.float(), offsets.float(), reference_points.float()
+        weights = F.softmax(logits, -1).view(n, len_q, self.n_heads, self.n_levels, self.n_points)
 
         if reference_points.shape[-1] == 2:
             # Offsets are in pixels of each level: divide by (W, H).
