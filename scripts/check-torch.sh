@@ -10,7 +10,10 @@ version=${1:?usage: scripts/check-torch.sh TORCH_VERSION [pytest args]}
 shift
 dir=build-torch-$version
 [[ -x $dir/venv/bin/python ]] || python3 -m venv "$dir/venv"
-"$dir/venv/bin/python" -m pip install -q "torch==$version" pytest "numpy<2.5" scipy
+numpy=numpy
+# torch before 2.5 was built against NumPy 1.x.
+[[ $(printf '%s\n' "$version" 2.5 | sort -V | head -n 1) != 2.5 ]] && numpy="numpy<2"
+"$dir/venv/bin/python" -m pip install -q "torch==$version" pytest "$numpy" scipy
 "$dir/venv/bin/python" -m pip install -q --no-deps --force-reinstall .
 "$dir/venv/bin/python" -c 'import torch, msda; print(f"msda {msda.__version__} with torch {torch.__version__}")'
 exec "$dir/venv/bin/python" -m pytest -q -p no:cacheprovider tests/python "$@"
