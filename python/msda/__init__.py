@@ -11,5 +11,6 @@ from ._build_info import version as __version__
 from ._library import library_path
 from .functional import ms_deform_attn, ms_deform_attn_pytorch
 from .modules import MSDeformAttn
+from .integrations.transformers import patch
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_pytorch", "MSDeformAttn", "library_path", "__version__"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_pytorch", "MSDeformAttn", "patch", "library_path", "__version__"]

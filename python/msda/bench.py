@@ -1,14 +1,24 @@
-"""python -m msda.bench: msda against the grid-sample path on SPEC's workloads.
+"""python -m msda.bench: msda against the grid-sample path (and transformers' kernel) on SPEC's workloads.
 
-For every workload: forward and forward+backward of msda.ms_deform_attn and of
-msda.ms_deform_attn_pytorch (the grid-sample formulation). Before timing, each path's output and
-three gradients are checked against the grid-sample path in float64 on the same inputs (the
-error columns: the largest relative error, SPEC's bound is 1e-5 for float32 and 1e-2 for
-bfloat16/float16; the exit status is 1 if msda breaks it). Then each is timed (median of
---repeats). Columns: median ms, speedup, effective GB/s (the bytes the operation must read and
-write: inputs, outputs, gradients, divided by the time) and peak extra MB (the resident memory a
-call adds, outputs included; Linux). Prints one table and writes the figures as JSON and CSV and
-a PNG chart into --out.
+For every workload: forward and forward+backward of msda.ms_deform_attn, of
+msda.ms_deform_attn_pytorch (the grid-sample formulation) and, where transformers (>= 4.50) is
+importable, of transformers' own pure-PyTorch kernel: the forward of
+transformers.models.deformable_detr.modeling_deformable_detr.MultiScaleDeformableAttention, which
+Deformable DETR, RT-DETR, Grounding DINO and OmDet-Turbo run on the CPU (its columns are absent
+without transformers). It gets the same inputs, plus the list of (H, W) that transformers' models
+compute once per forward and pass beside spatial_shapes; with a bfloat16/float16 value its
+locations and weights are cast to the value's dtype first, as they are in a model converted with
+.to(dtype) (its grid_sample takes a single dtype). With torch 2.15 its bfloat16 output has NaNs on
+the CPU (grid_sample of a non-contiguous bfloat16 input, which is what its per-level views are):
+its error column then says inf.
+
+Before timing, each path's output and three gradients are checked against the grid-sample path in
+float64 on the same inputs (the error columns: the largest relative error, SPEC's bound is 1e-5 for
+float32 and 1e-2 for bfloat16/float16; the exit status is 1 if msda breaks it). Then each is timed
+(median of --repeats). Columns: median ms, msda's speedup over each baseline, effective GB/s (the
+bytes the operation must read and write: inputs, outputs, gradients, divided by the time) and peak
+extra MB (the resident memory a call adds, outputs included; Linux). Prints one table and writes
+the figures as JSON and CSV (one row per workload, pass and path) and a PNG chart into --out.
 """
 import argparse
 import csv
@@ -40,6 +50,34 @@ def _grid_sample(value, shapes, starts, loc, weights):
 
 
 PATHS = {"msda": _msda, "grid-sample": _grid_sample}
+BASELINES = ("grid-sample", "transformers")
+
+
+class _TransformersKernel:
+    """transformers' MultiScaleDeformableAttention module, called as its models call it."""
+
+    def __init__(self, module):
+        self.module = module
+        self.shapes, self.shapes_list = None, None
+
+    def __call__(self, value, shapes, starts, loc, weights):
+        # transformers' models build this list once per forward, outside the kernel.
+        if shapes is not self.shapes:
+            self.shapes, self.shapes_list = shapes, [tuple(hw) for hw in shapes.tolist()]
+        if value.dtype in (torch.bfloat16, torch.float16):
+            loc, weights = loc.to(value.dtype), weights.to(value.dtype)
+        return self.module(value, shapes, self.shapes_list, starts, loc, weights, 64)
+
+
+def available_paths():
+    """msda and the grid-sample path, and transformers' kernel where transformers has one."""
+    paths = dict(PATHS)
+    try:
+        from transformers.models.deformable_detr.modeling_deformable_detr import MultiScaleDeformableAttention
+    except Exception:  # noqa: BLE001 (not installed, too old to have the module, or broken)
+        return paths
+    paths["transformers"] = _TransformersKernel(MultiScaleDeformableAttention())
+    return paths
 
 
 class Progress:
@@ -129,7 +167,7 @@ def _tensor_bytes(*tensors):
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def run_workload(w, args, dtype, progress):
+def run_workload(w, args, dtype, progress, paths=PATHS):
     """Measures one workload; returns a list of result rows (one per pass and path)."""
     value, shapes, starts, loc, weights = generate(w, args.locations, dtype, seed=args.seed)
     kind = args.locations or w.locations
@@ -146,7 +184,7 @@ def run_workload(w, args, dtype, progress):
 
     reference = run(_grid_sample, value.double(), loc.double(), weights.double(), g=grad.double())
     errors = {name: [_relative_error(x, y) for x, y in zip(run(path, value, loc, weights), reference)]
-              for name, path in PATHS.items()}
+              for name, path in paths.items()}
     progress.step(f"{w.name}: checked")
 
     out_bytes = w.batch * w.num_queries * w.heads * w.channels * value.element_size()
@@ -155,7 +193,7 @@ def run_workload(w, args, dtype, progress):
 
     rows = []
     for pass_name in ("forward", "forward+backward"):
-        for name, path in PATHS.items():
+        for name, path in paths.items():
             if pass_name == "forward":
                 def fn(path=path):
                     with torch.no_grad():
@@ -197,16 +235,29 @@ def _machine():
 
 
 def format_table(rows):
-    lines = ["| workload | locations | pass | msda ms | grid-sample ms | speedup | msda GB/s | msda peak MB "
-             "| grid-sample peak MB | msda rel err | grid-sample rel err |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """One line per workload and pass; the transformers columns only when some row has them."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["workload"], r["locations"], r["pass"]), {})[r["path"]] = r
+    baselines = [b for b in BASELINES if any(b in g for g in groups.values())]
     fmt_mb = lambda x: "n/a" if x is None else f"{x:.1f}"
-    for i in range(0, len(rows), 2):
-        m, g = rows[i], rows[i + 1]
-        lines.append(f"| {m['workload']} | {m['locations']} | {m['pass']} | {m['median_ms']:.2f} | "
-                     f"{g['median_ms']:.1f} | {g['median_ms'] / m['median_ms']:.1f}x | {m['effective_GBps']:.1f} | "
-                     f"{fmt_mb(m['peak_extra_MB'])} | {fmt_mb(g['peak_extra_MB'])} | {m['max_rel_error']:.1e} | "
-                     f"{g['max_rel_error']:.1e} |")
+    head = ["workload", "locations", "pass", "msda ms"]
+    for b in baselines:
+        head += [f"{b} ms", "speedup" if b == "grid-sample" else f"speedup vs {b}"]
+    head += ["msda GB/s", "msda peak MB"] + [f"{b} peak MB" for b in baselines]
+    head += ["msda rel err"] + [f"{b} rel err" for b in baselines]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
+    for (workload, locations, pass_name), g in groups.items():
+        m = g["msda"]
+        cells = [workload, locations, pass_name, f"{m['median_ms']:.2f}"]
+        for b in baselines:
+            cells += ([f"{g[b]['median_ms']:.1f}", f"{g[b]['median_ms'] / m['median_ms']:.1f}x"] if b in g
+                      else ["n/a", "n/a"])
+        cells += [f"{m['effective_GBps']:.1f}", fmt_mb(m["peak_extra_MB"])]
+        cells += [fmt_mb(g[b]["peak_extra_MB"]) if b in g else "n/a" for b in baselines]
+        cells += [f"{m['max_rel_error']:.1e}"] + [f"{g[b]['max_rel_error']:.1e}" if b in g else "n/a"
+                                                   for b in baselines]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -232,22 +283,31 @@ def write_chart(rows, machine, path):
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for ax, pass_name in zip(axes, ("forward", "forward+backward")):
         xs = range(len(workloads))
+        paths = [p for p in ("msda", "grid-sample", "transformers") if any(r["path"] == p for r in rows)]
         times = {p: [next(r["median_ms"] for r in rows if r["workload"] == w and r["pass"] == pass_name
-                          and r["path"] == p) for w in workloads] for p in PATHS}
-        ax.bar([x - 0.2 for x in xs], times["msda"], 0.4, label="msda", color="#1f77b4")
-        ax.bar([x + 0.2 for x in xs], times["grid-sample"], 0.4, label="grid-sample (PyTorch)", color="#bbbbbb")
-        for x, m, g in zip(xs, times["msda"], times["grid-sample"]):
-            ax.text(x, g * 1.15, f"{g / m:.0f}x", ha="center", fontsize=9)
+                          and r["path"] == p) for w in workloads] for p in paths}
+        width = 0.8 / len(paths)
+        styles = {"msda": ("msda", "#1f77b4"), "grid-sample": ("grid-sample (PyTorch)", "#bbbbbb"),
+                  "transformers": ("transformers' kernel", "#ff7f0e")}
+        for i, p in enumerate(paths):
+            offset = (i - (len(paths) - 1) / 2) * width
+            ax.bar([x + offset for x in xs], times[p], width, label=styles[p][0], color=styles[p][1])
+            if p != "msda":  # msda's speedup over this baseline, above its bar
+                for x, t, m in zip(xs, times[p], times["msda"]):
+                    ax.text(x + offset, t * 1.15, f"{t / m:.0f}x", ha="center", fontsize=8)
         ax.set_yscale("log")
         ax.set_xticks(list(xs))
         ax.set_xticklabels(workloads, rotation=30, ha="right")
         ax.set_ylabel("median time (ms, log scale)")
         ax.set_title(pass_name)
     r0 = rows[0]
-    fig.suptitle(f"msda vs grid-sample, {r0['dtype']}, {r0['threads']} threads, {machine['cpu']}", fontsize=10)
+    baselines = " and transformers" if any(r["path"] == "transformers" for r in rows) else ""
+    fig.suptitle(f"msda vs grid-sample{baselines}, {r0['dtype']}, {r0['threads']} threads, {machine['cpu']}",
+                 fontsize=10)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper right", ncol=2, fontsize=9)  # above the bars, not over them
-    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    # A line of its own under the title, above the bars, not over them.
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.95), ncol=len(labels), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.89))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -315,12 +375,17 @@ def main(argv=None):
     dtype = DTYPES[args.dtype]
     torch.set_num_threads(args.threads)
     machine = _machine()
+    paths = available_paths()
+    if "transformers" in paths:
+        import transformers
+        machine["transformers"] = transformers.__version__
     print(f"msda.bench: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
-          f"{args.threads} threads, value {args.dtype}, median of up to {args.repeats}")
-    progress = Progress(len(workloads) * 5)
+          f"{args.threads} threads, value {args.dtype}, median of up to {args.repeats}; baselines: "
+          + ", ".join(p if p != "transformers" else f"transformers {machine['transformers']}" for p in paths if p != "msda"))
+    progress = Progress(len(workloads) * (1 + 2 * len(paths)))
     rows = []
     for w in workloads:
-        rows += run_workload(w, args, dtype, progress)
+        rows += run_workload(w, args, dtype, progress, paths)
     progress.close()
     print()
     print(format_table(rows))

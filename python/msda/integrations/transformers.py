@@ -1,0 +1,225 @@
+"""msda.patch: msda's kernel inside Hugging Face transformers models, in place.
+
+    model = DeformableDetrForObjectDetection.from_pretrained(...)
+    msda.patch(model)          # returns how many attention kernels now run on msda
+
+What it changes (transformers >= 4.50.0, the first release in which the kernel is a module):
+
+- every `MultiScaleDeformableAttention` module of transformers (Deformable DETR, RT-DETR,
+  Grounding DINO, MM Grounding DINO, OmDet-Turbo, LW-DETR, RF-DETR, PP-DocLayout v2/v3/v4) is
+  replaced in its parent by `MSDAMultiScaleDeformableAttention`, which has the same forward
+  signature and calls msda.ms_deform_attn. The kernel module holds no parameters or buffers, so
+  the state dict does not change.
+- Mask2Former and OneFormer have no kernel module: the forward of their pixel-decoder attention
+  calls the module-level function `multi_scale_deformable_attention`. Each such attention module
+  instance gets an instance attribute `forward` that runs the class's own forward code (the same
+  code object, so it computes exactly what transformers' does) with a copy of its module's globals
+  in which that one name is msda's kernel. Nothing global changes: the transformers module, its
+  class and every other instance keep transformers' function.
+
+What it refuses (ValueError, before changing anything):
+
+- RT-DETRv2, D-FINE and DEIMv2 call `multi_scale_deformable_attention_v2`: a different operator
+  (a point count per level, the locations laid out as [N, Q, M, sum of points, 2], and a
+  "discrete" sampling method that rounds to the nearest pixel instead of interpolating).
+- a model with nothing msda knows (and nothing it already patched).
+
+Calling patch twice replaces nothing more: the second call returns 0.
+"""
+import types
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..functional import ms_deform_attn
+
+MIN_TRANSFORMERS_VERSION = "4.50.0"
+_KERNEL_CLASS = "MultiScaleDeformableAttention"
+_FUNCTION = "multi_scale_deformable_attention"
+_V2_FUNCTION = "multi_scale_deformable_attention_v2"
+
+KNOWN = (
+    f"transformers' `{_KERNEL_CLASS}` kernel module (Deformable DETR, RT-DETR, Grounding DINO, "
+    "MM Grounding DINO, OmDet-Turbo, LW-DETR, RF-DETR, PP-DocLayout v2/v3/v4) and the pixel-decoder "
+    f"attention of Mask2Former and OneFormer (which call `{_FUNCTION}`)"
+)
+
+
+def _start_index(shapes: torch.Tensor) -> torch.Tensor:
+    return torch.cat((shapes.new_zeros((1,)), shapes.prod(1).cumsum(0)[:-1]))
+
+
+def _shapes_tensor(shapes, device) -> torch.Tensor:
+    if isinstance(shapes, torch.Tensor):
+        return shapes.to(device=device, dtype=torch.int64)
+    return torch.as_tensor(list(shapes), dtype=torch.int64, device=device).view(-1, 2)
+
+
+class MSDAMultiScaleDeformableAttention(nn.Module):
+    """transformers' MultiScaleDeformableAttention (same forward arguments, same result), on msda's
+    kernel. im2col_step is accepted and ignored: msda has no batch-divisibility rule."""
+
+    def forward(self, value: torch.Tensor, value_spatial_shapes: Optional[torch.Tensor],
+                value_spatial_shapes_list: Optional[List[Tuple[int, int]]], level_start_index: Optional[torch.Tensor],
+                sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
+                im2col_step: Optional[int] = None) -> torch.Tensor:
+        # transformers computes both shape forms before the call; either alone is enough for msda.
+        if value_spatial_shapes is None:
+            value_spatial_shapes = _shapes_tensor(value_spatial_shapes_list, value.device)
+        if level_start_index is None:
+            level_start_index = _start_index(value_spatial_shapes)
+        return ms_deform_attn(value, value_spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+    def extra_repr(self) -> str:
+        return f"msda kernel in place of transformers' {_KERNEL_CLASS}"
+
+
+def _msda_function(value, value_spatial_shapes, sampling_locations, attention_weights):
+    """transformers' multi_scale_deformable_attention(value, shapes, locations, weights) of
+    Mask2Former and OneFormer on msda's kernel; shapes is a list of (H, W) or an [L, 2] tensor."""
+    shapes = _shapes_tensor(value_spatial_shapes, value.device)
+    return ms_deform_attn(value, shapes, _start_index(shapes), sampling_locations, attention_weights)
+
+
+# One rebound forward per class forward, shared by all instances of that class.
+_REBOUND: Dict[types.FunctionType, types.FunctionType] = {}
+
+
+def _rebound_forward(func: types.FunctionType) -> types.FunctionType:
+    new = _REBOUND.get(func)
+    if new is None:
+        # A copy of the globals, not a change to them: only functions created here see msda's kernel.
+        scope = dict(func.__globals__)
+        scope[_FUNCTION] = _msda_function
+        new = types.FunctionType(func.__code__, scope, func.__name__, func.__defaults__, func.__closure__)
+        new.__kwdefaults__ = dict(func.__kwdefaults__) if func.__kwdefaults__ else None
+        new.__qualname__ = func.__qualname__
+        new.__doc__ = func.__doc__
+        new.__module__ = func.__module__
+        new.__dict__.update(func.__dict__)
+        new._msda_patched = True
+        _REBOUND[func] = new
+    return new
+
+
+def _from_transformers(obj) -> bool:
+    return getattr(obj, "__module__", None) is not None and obj.__module__.startswith("transformers.")
+
+
+def _is_kernel(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ == _KERNEL_CLASS and _from_transformers(cls)
+
+
+def _forward_attribute(module: nn.Module) -> str:
+    # accelerate's hooks (device_map models) move the real forward to `_old_forward` on the
+    # instance and put their wrapper in `forward`; the wrapper calls `_old_forward`.
+    if "forward" in module.__dict__ and "_old_forward" in module.__dict__:
+        return "_old_forward"
+    return "forward"
+
+
+def _is_patched_function_user(module: nn.Module) -> bool:
+    bound = module.__dict__.get(_forward_attribute(module))
+    return getattr(getattr(bound, "__func__", None), "_msda_patched", False)
+
+
+def _calls_function(module: nn.Module, name: str) -> bool:
+    """True when the class's forward calls the transformers module-level function `name`."""
+    cls = type(module)
+    if not _from_transformers(cls):
+        return False
+    forward = getattr(cls, "forward", None)
+    if not isinstance(forward, types.FunctionType) or name not in forward.__code__.co_names:
+        return False
+    target = forward.__globals__.get(name)
+    return isinstance(target, types.FunctionType) and _from_transformers(target)
+
+
+def _uses_v2(module: nn.Module) -> bool:
+    if _calls_function(module, _V2_FUNCTION):
+        return True
+    # D-FINE and DEIMv2 keep the function as an instance attribute and call it through self.
+    return _from_transformers(type(module)) and any(
+        isinstance(v, types.FunctionType) and v.__name__ == _V2_FUNCTION and _from_transformers(v)
+        for v in module.__dict__.values())
+
+
+def _installed_transformers():
+    try:
+        import transformers
+    except ImportError:
+        return None
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version(MIN_TRANSFORMERS_VERSION):
+        raise ImportError(
+            f"msda.patch: transformers {transformers.__version__} is installed, but msda.patch needs "
+            f"transformers >= {MIN_TRANSFORMERS_VERSION}, the first release in which multi-scale deformable "
+            f"attention is the nn.Module `{_KERNEL_CLASS}` that msda replaces (older releases call a "
+            "custom autograd Function); upgrade with: pip install -U 'transformers>="
+            f"{MIN_TRANSFORMERS_VERSION}'")
+    return transformers
+
+
+def patch(model: nn.Module) -> int:
+    """Runs the multi-scale deformable attention of a Hugging Face transformers model (or any
+    nn.Module that contains such models' attention modules) on msda's kernel, in place.
+
+    Returns the number of attention kernels it replaced (0 when called again on a patched model).
+    Raises ValueError naming the model's class when the model uses a variant msda does not compute
+    (RT-DETRv2, D-FINE, DEIMv2) or contains nothing msda knows; ImportError when the installed
+    transformers is older than MIN_TRANSFORMERS_VERSION. Parameters, buffers and the state dict
+    are unchanged; so are training/eval mode and every module other than the kernels.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"msda.patch: model: expected a torch.nn.Module, got {type(model).__name__}")
+    transformers = _installed_transformers()
+    name = type(model).__name__
+
+    if _is_kernel(model):
+        raise ValueError(f"msda.patch: model: got transformers' {_KERNEL_CLASS} itself; msda replaces it inside "
+                         "its parent module, so pass the model (or module) that contains it")
+
+    paths = {id(m): (path or "<model>") for path, m in model.named_modules()}
+    v2 = [f"{paths[id(m)]} ({type(m).__name__})" for m in model.modules() if _uses_v2(m)]
+    if v2:
+        raise ValueError(
+            f"msda.patch: {name} uses `{_V2_FUNCTION}` (in {', '.join(v2[:3])}{', ...' if len(v2) > 3 else ''}), "
+            "the deformable attention of RT-DETRv2 / D-FINE / DEIMv2: a point count per level, locations laid out "
+            "as [N, Q, M, sum of points, 2] and a 'discrete' sampling method that reads the nearest pixel. "
+            "That is not the operator msda computes (SPEC: the same points on every level, bilinear), so msda "
+            "leaves this model unchanged")
+
+    # The plan first, the changes after it, so that a refusal leaves the model as it was.
+    kernels: List[Tuple[nn.Module, str, nn.Module]] = []   # (parent, attribute, kernel)
+    function_users: List[nn.Module] = []
+    already = 0
+    for parent in model.modules():
+        for child_name, child in parent._modules.items():
+            if child is not None and _is_kernel(child):
+                kernels.append((parent, child_name, child))
+            elif isinstance(child, MSDAMultiScaleDeformableAttention):
+                already += 1
+        if _is_patched_function_user(parent):
+            already += 1
+        elif _calls_function(parent, _FUNCTION):
+            function_users.append(parent)
+
+    if not kernels and not function_users and not already:
+        missing = "" if transformers is not None else " (transformers is not installed)"
+        raise ValueError(f"msda.patch: found no multi-scale deformable attention that msda knows in {name}{missing}; "
+                         f"msda knows {KNOWN}")
+
+    # A kernel module shared by several parents becomes one msda module shared the same way.
+    replacements: Dict[int, MSDAMultiScaleDeformableAttention] = {}
+    for parent, child_name, kernel in kernels:
+        new = replacements.get(id(kernel))
+        if new is None:
+            new = replacements[id(kernel)] = MSDAMultiScaleDeformableAttention()
+            new.train(kernel.training)
+        setattr(parent, child_name, new)
+    for module in function_users:
+        setattr(module, _forward_attribute(module), types.MethodType(_rebound_forward(type(module).forward), module))
+    return len(replacements) + len(function_users)
