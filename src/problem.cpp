@@ -96,6 +96,8 @@ std::string_view name(Isa isa) noexcept {
     case Isa::baseline: return "baseline";
     case Isa::avx2: return "avx2";
     case Isa::avx512: return "avx512";
+    case Isa::neon: return "neon";
+    case Isa::sve256: return "sve256";
   }
   return "unknown isa";
 }

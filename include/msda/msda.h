@@ -88,8 +88,14 @@ enum class Backend : std::uint8_t {
 std::string_view name(Backend backend) noexcept;
 
 // The instruction set of the cpu backend's kernels. `best` is the widest this CPU supports;
-// asking for one it lacks is an Error. Results are bitwise reproducible for a given choice.
-enum class Isa : std::uint8_t { best, baseline, avx2, avx512 };
+// asking for one it or the build lacks (an Arm one on x86, or the reverse) is an Error. Results
+// are bitwise reproducible for a given choice.
+//   baseline  portable vector code for the build's architecture (x86-64: SSE2; AArch64: NEON)
+//   avx2      x86-64-v3: AVX2, FMA, F16C
+//   avx512    x86-64-v4: AVX-512 F/BW/DQ/VL
+//   neon      AArch64 Advanced SIMD (every AArch64 CPU), tuned for its 32 registers
+//   sve256    AArch64 SVE on a machine whose vector length is 256 bits (e.g. Graviton3)
+enum class Isa : std::uint8_t { best, baseline, avx2, avx512, neon, sve256 };
 std::string_view name(Isa isa) noexcept;
 
 // Switches of the cpu backend's techniques, for benchmarks and ablation studies. The defaults

@@ -5,9 +5,25 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <iterator>
 #include <memory>
 #include <new>
 #include <string>
+
+// CMakeLists.txt builds the targets of one architecture and says which; a compiler aimed at
+// another one would leave the table below pointing at kernels that were never built.
+#if defined(MSDA_CPU_TARGETS_X86) && !defined(__x86_64__)
+#error "MSDA_CPU_TARGETS_X86 set for a compiler that does not target x86-64"
+#endif
+#if defined(MSDA_CPU_TARGETS_ARM64)
+#if !defined(__aarch64__)
+#error "MSDA_CPU_TARGETS_ARM64 set for a compiler that does not target AArch64"
+#endif
+#if defined(__linux__)
+#include <sys/auxv.h>
+#include <sys/prctl.h>
+#endif
+#endif
 
 namespace msda::cpu {
 namespace {
@@ -18,8 +34,27 @@ struct Target {
   void (*backward)(const Params&, const Scratch&);
 };
 
+#if defined(MSDA_CPU_TARGETS_ARM64)
+// The calling thread's SVE vector length in bytes; 0 without SVE or without a way to ask (other
+// systems than Linux: the kernels then stay on NEON). Linux gives each thread its own length,
+// inherited from the thread that created it, so OpenMP's workers have the caller's unless the
+// program changes it with prctl(PR_SVE_SET_VL) on some threads only, which msda does not support.
+// Asked on every call (a system call, small beside the call's allocations), never cached: a
+// program may set the length after msda first ran.
+unsigned sve_vector_bytes() {
+#if defined(__linux__) && defined(HWCAP_SVE) && defined(PR_SVE_GET_VL)
+  if (!(getauxval(AT_HWCAP) & HWCAP_SVE)) return 0;
+  const int vl = prctl(PR_SVE_GET_VL, 0, 0, 0, 0);
+  return vl < 0 ? 0u : static_cast<unsigned>(vl & PR_SVE_VL_LEN_MASK);
+#else
+  return 0;
+#endif
+}
+#endif
+
 bool supported(Isa isa) {
   switch (isa) {
+#if defined(MSDA_CPU_TARGETS_X86)
     case Isa::avx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
@@ -27,21 +62,37 @@ bool supported(Isa isa) {
     case Isa::avx2:
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
              __builtin_cpu_supports("bmi2");
+#endif
+#if defined(MSDA_CPU_TARGETS_ARM64)
+    case Isa::neon: return true;  // Advanced SIMD is part of every AArch64 CPU
+    // Built for exactly 256-bit registers (CMakeLists.txt): at another length the lane counts,
+    // permutations and whole-register moves of that code are wrong, so it is not used there.
+    case Isa::sve256: return sve_vector_bytes() == 32;
+#endif
     case Isa::baseline:
     case Isa::best: return true;
+    default: return false;  // another architecture's
   }
-  return false;
 }
 
 Target target_for(Isa requested) {
-  const Target targets[] = {{Isa::avx512, avx512::forward, avx512::backward},
-                            {Isa::avx2, avx2::forward, avx2::backward},
-                            {Isa::baseline, baseline::forward, baseline::backward}};
+  // Widest first: `best` takes the first one this CPU supports.
+  const Target targets[] = {
+#if defined(MSDA_CPU_TARGETS_X86)
+      {Isa::avx512, avx512::forward, avx512::backward},
+      {Isa::avx2, avx2::forward, avx2::backward},
+#endif
+#if defined(MSDA_CPU_TARGETS_ARM64)
+      {Isa::sve256, sve256::forward, sve256::backward},
+      {Isa::neon, neon::forward, neon::backward},
+#endif
+      {Isa::baseline, baseline::forward, baseline::backward}};
   for (const Target& t : targets)
     if ((requested == Isa::best || requested == t.isa) && supported(t.isa)) return t;
-  throw Error("options.isa", "an instruction set this CPU supports (best, baseline" +
-                                 std::string(supported(Isa::avx2) ? ", avx2" : "") + ")",
-              std::string(name(requested)));
+  std::string accepted = "best";
+  for (auto t = std::rbegin(targets); t != std::rend(targets); ++t)
+    if (supported(t->isa)) accepted += ", " + std::string(name(t->isa));
+  throw Error("options.isa", "an instruction set this CPU supports (" + accepted + ")", std::string(name(requested)));
 }
 
 // How the backward splits its work into parts (see backward() below). Every field is chosen from

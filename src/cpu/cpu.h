@@ -48,6 +48,8 @@ inline constexpr std::size_t kGroupBytesPerSample = 5 * 8 + 6 * 8 + 6 * 8;
 MSDA_DECLARE_TARGET(baseline)
 MSDA_DECLARE_TARGET(avx2)
 MSDA_DECLARE_TARGET(avx512)
+MSDA_DECLARE_TARGET(neon)
+MSDA_DECLARE_TARGET(sve256)
 #undef MSDA_DECLARE_TARGET
 
 }  // namespace msda::cpu

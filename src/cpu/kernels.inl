@@ -368,6 +368,22 @@ void stage_value(const Params& p, const V* value, V* staged) {
 // thread, summing in a fixed order: results never depend on the thread count.
 inline constexpr std::int64_t kPrefetchQueries = 8;
 
+// How many Channels accumulators the forward's taps rotate over (corner c adds into c % count):
+// 4 by default. A target with MSDA_ACCUMULATOR_REGS (the Arm ones) gives the accumulators at
+// most that many vector registers: four of D = 32 f32 in 128-bit vectors would be 32 registers,
+// NEON's whole file, and the compiler then spills them inside the tap loop. With 16-byte
+// vectors a row is already 8 independent FMA chains, so fewer accumulators lose nothing.
+template <class C, int kD>
+constexpr int forward_accumulators() {
+  if (kD == 0) return 1;
+#if defined(MSDA_ACCUMULATOR_REGS)
+  const int regs = kD / kLanes<C>, fit = MSDA_ACCUMULATOR_REGS / regs;
+  return fit >= 4 ? 4 : fit >= 2 ? 2 : 1;
+#else
+  return 4;
+#endif
+}
+
 template <class V, int kD>
 void forward_kernel(const Params& p, const Scratch& scratch) {
   using C = Compute<V>;
@@ -381,8 +397,9 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
   {
     std::byte* mine = scratch.for_thread(omp_get_thread_num());
     // One accumulator per corner when D is compile-time: four independent FMA chains instead of
-    // one 4*L*P long (which made the sum latency-bound). Runtime D sums into acc[0] only.
-    constexpr int kAccs = kD > 0 ? 4 : 1;
+    // one 4*L*P long (which made the sum latency-bound); two or one where the registers are
+    // short (forward_accumulators). Runtime D sums into acc[0] only.
+    constexpr int kAccs = forward_accumulators<C, kD>();
     Channels<V, kD> acc[4] = {{D, reinterpret_cast<C*>(mine)}, {D, reinterpret_cast<C*>(mine)},
                               {D, reinterpret_cast<C*>(mine)}, {D, reinterpret_cast<C*>(mine)}};
     Group<C> group(mine + scratch.channels_bytes, scratch.group_capacity);
@@ -401,6 +418,8 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
         acc[0].add(acc[1]);
         acc[2].add(acc[3]);
         acc[0].add(acc[2]);
+      } else if constexpr (kAccs == 2) {
+        acc[0].add(acc[1]);
       }
       acc[0].store_row(out + p.output_offset(n, q, m));
     };

@@ -6,7 +6,19 @@
 #error "simd.h is included from a target translation unit that defines MSDA_VEC_BYTES"
 #endif
 
+#if defined(__x86_64__) || defined(__i386__)
+#define MSDA_X86 1
 #include <immintrin.h>
+#endif
+// The Arm targets include <arm_neon.h> or <arm_sve.h> themselves, before their namespace opens:
+// those headers declare their types and functions in the global namespace.
+#if defined(MSDA_TARGET_SVE)
+// This build's SVE registers as fixed-size types (CMakeLists.txt fixes the vector length), which
+// convert to and from the GCC vector types below.
+static_assert(__ARM_FEATURE_SVE_BITS == 8 * MSDA_VEC_BYTES, "sve targets are built with -msve-vector-bits");
+typedef svfloat32_t SveF32 __attribute__((arm_sve_vector_bits(__ARM_FEATURE_SVE_BITS)));
+typedef svuint32_t SveU32 __attribute__((arm_sve_vector_bits(__ARM_FEATURE_SVE_BITS)));
+#endif
 
 template <class C>
 struct VecOf {
@@ -28,19 +40,39 @@ MSDA_INLINE Vec<Compute<V>> load(const V* p) {
   if constexpr (std::is_same_v<V, C>) {
     __builtin_memcpy(&v, p, sizeof(v));
   } else if constexpr (std::is_same_v<V, bf16>) {
-    // bf16 is the top half of an f32: widen and shift.
+    // bf16 is the top half of an f32: widen and shift. GCC lowers the generic form for Arm
+    // through lane inserts or the stack, hence one instruction (NEON: shll) or two (SVE: ld1h
+    // into 32-bit lanes, lsl) spelled out.
+#if defined(MSDA_TARGET_SVE)
+    const svbool_t all = svwhilelt_b32(0, kLanes<C>);
+    const SveU32 wide = svlsl_n_u32_x(all, svld1uh_u32(all, reinterpret_cast<const std::uint16_t*>(p)), 16);
+    __builtin_memcpy(&v, &wide, sizeof(v));
+#elif defined(MSDA_TARGET_NEON)
+    const uint32x4_t wide = vshll_n_u16(vld1_u16(reinterpret_cast<const std::uint16_t*>(p)), 16);
+    __builtin_memcpy(&v, &wide, sizeof(v));
+#else
     typedef std::uint16_t Narrow __attribute__((vector_size(MSDA_VEC_BYTES / 2)));
     typedef std::uint32_t Wide __attribute__((vector_size(MSDA_VEC_BYTES)));
     Narrow bits;
     __builtin_memcpy(&bits, p, sizeof(bits));
     const Wide wide = __builtin_convertvector(bits, Wide) << 16;
     __builtin_memcpy(&v, &wide, sizeof(v));
+#endif
   } else {
 #if defined(__F16C__) && MSDA_VEC_BYTES == 64
     const __m512 x = _mm512_maskz_cvtph_ps(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     __builtin_memcpy(&v, &x, sizeof(v));
 #elif defined(__F16C__) && MSDA_VEC_BYTES == 32
     const __m256 x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    __builtin_memcpy(&v, &x, sizeof(v));
+#elif defined(MSDA_TARGET_SVE)
+    // Each half into the low half of a 32-bit lane, where fcvt .s, .h reads it. Exact, like the
+    // NEON form: every f16 (subnormals, inf, NaN) is an f32.
+    const svbool_t all = svwhilelt_b32(0, kLanes<C>);
+    const SveF32 x = svcvt_f32_f16_x(all, svreinterpret_f16_u32(svld1uh_u32(all, reinterpret_cast<const std::uint16_t*>(p))));
+    __builtin_memcpy(&v, &x, sizeof(v));
+#elif defined(MSDA_TARGET_NEON)
+    const float32x4_t x = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(reinterpret_cast<const std::uint16_t*>(p))));
     __builtin_memcpy(&v, &x, sizeof(v));
 #else
     for (int i = 0; i < kLanes<C>; ++i) v[i] = f16_to_float(p[i]);
@@ -71,10 +103,11 @@ MSDA_INLINE void store(V* p, Vec<Compute<V>> v) {
 }
 
 // floor() of every lane.
+// (The loop is one instruction on Arm: frintm, on NEON and SVE registers alike.)
 MSDA_INLINE Vec<double> floor_lanes(Vec<double> x) {
-#if MSDA_VEC_BYTES == 64
+#if defined(MSDA_X86) && MSDA_VEC_BYTES == 64
   return (Vec<double>)_mm512_maskz_roundscale_pd(0xFF, (__m512d)x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-#elif MSDA_VEC_BYTES == 32
+#elif defined(MSDA_X86) && MSDA_VEC_BYTES == 32
   return (Vec<double>)_mm256_floor_pd((__m256d)x);
 #else
   for (int i = 0; i < kLanes<double>; ++i) x[i] = __builtin_floor(x[i]);
