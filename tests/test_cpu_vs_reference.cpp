@@ -348,30 +348,63 @@ TEST(CpuVsReferenceMisc, SubnormalValues) {
   }
 }
 
+#if defined(__SSE__) || defined(__aarch64__)
 #if defined(__SSE__)
-// The library must leave the caller's floating-point control word (MXCSR: rounding mode,
-// flush-to-zero, denormals-are-zero) as it found it.
+// MXCSR: rounding mode, flush-to-zero, denormals-are-zero and exception masks; the exception flags
+// (bits 0-5) may change, not the modes.
+unsigned control_word() { return _mm_getcsr() & ~0x3Fu; }
+void set_control_word(unsigned word) { _mm_setcsr(word); }
+unsigned saved_control_word() { return _mm_getcsr(); }
+constexpr unsigned kDefaultControlWord = 0x1F80;  // all exceptions masked, round to nearest, no FTZ/DAZ
+#else
+// FPCR: rounding mode, flush-to-zero (FZ, FZ16), default NaN, trap enables; AArch64 keeps the
+// exception flags apart, in FPSR.
+unsigned control_word() { return __builtin_aarch64_get_fpcr(); }
+void set_control_word(unsigned word) { __builtin_aarch64_set_fpcr(word); }
+unsigned saved_control_word() { return __builtin_aarch64_get_fpcr(); }
+constexpr unsigned kDefaultControlWord = 0;  // Linux's: round to nearest, no flushing, no traps
+#endif
+
+// The library must leave the caller's floating-point control word as it found it.
 TEST(CpuVsReferenceMisc, FloatingPointControlWordUnchanged) {
-  const unsigned saved = _mm_getcsr();
-  _mm_setcsr(0x1F80);  // the default: all exceptions masked, round to nearest, no FTZ/DAZ
-  const unsigned before = _mm_getcsr() & ~0x3Fu;  // the exception flags may change, not the modes
+  const unsigned saved = saved_control_word();
+  set_control_word(kDefaultControlWord);
+  const unsigned before = control_word();
   struct Restore {
-    unsigned csr;
-    ~Restore() { _mm_setcsr(csr); }
+    unsigned word;
+    ~Restore() { set_control_word(word); }
   } restore{saved};
   for (const DTypes& d : dtype_mixes()) {
     const Case c = make_case(shape(1, 2, 32, 20, 2, {{5, 6}}), d, Locations::wide, case_seed(0));
     for (msda::Isa isa : cpu_isas()) {
       Results r(c.problem);
       run_all(c.problem, c.tensors, r, {0, Backend::cpu, isa});
-      ASSERT_EQ(_mm_getcsr() & ~0x3Fu, before) << c.label << " isa " << msda::name(isa);
+      ASSERT_EQ(control_word(), before) << c.label << " isa " << msda::name(isa);
     }
     Results r(c.problem);
     run_all(c.problem, c.tensors, r, {0, Backend::reference});
-    ASSERT_EQ(_mm_getcsr() & ~0x3Fu, before) << c.label << " reference";
+    ASSERT_EQ(control_word(), before) << c.label << " reference";
   }
 }
 #endif
+
+// `best` is the widest instruction set this machine supports (the last of supported_isas()): the
+// same bits, on every dtype mix, for the forward and all three gradients.
+TEST(CpuVsReferenceMisc, BestIsTheWidestSupportedInstructionSet) {
+  const msda::Isa widest = supported_isas().back();
+  ASSERT_NE(widest, msda::Isa::best);
+  for (const DTypes& d : dtype_mixes()) {
+    const Case c = make_case(shape(1, 2, 32, 20, 3, {{5, 6}, {3, 2}}), d, Locations::mixed, case_seed(0));
+    SCOPED_TRACE(c.label + ", widest " + std::string(msda::name(widest)));
+    Results best(c.problem), named(c.problem);
+    run_all(c.problem, c.tensors, best, {0, Backend::cpu, msda::Isa::best});
+    run_all(c.problem, c.tensors, named, {0, Backend::cpu, widest});
+    EXPECT_TRUE(best.output.same_bytes(named.output));
+    EXPECT_TRUE(best.grad_value.same_bytes(named.grad_value));
+    EXPECT_TRUE(best.grad_locations.same_bytes(named.grad_locations));
+    EXPECT_TRUE(best.grad_weights.same_bytes(named.grad_weights));
+  }
+}
 
 // The truth really does see the difference between a right and a wrong answer: perturbing one
 // element of the cpu output by a relative 1e-3 (f32) must fail the f32 bound.

@@ -1,5 +1,6 @@
 // numeric.h: the bf16 and f16 storage conversions, against GCC's _Float16 (software conversions
-// of libgcc, round to nearest even) and against hand-computed bf16 cases.
+// of libgcc, round to nearest even; on AArch64, whose GCC has no _Float16 in C++, __fp16 and the
+// hardware's fcvt) and against hand-computed bf16 cases.
 #include <gtest/gtest.h>
 
 #include <bit>
@@ -20,14 +21,20 @@ using msda::f16;
 std::uint32_t bits_of(float f) { return std::bit_cast<std::uint32_t>(f); }
 float float_of(std::uint32_t bits) { return std::bit_cast<float>(bits); }
 
+#if defined(__aarch64__)
+using GccHalf = __fp16;
+#else
+using GccHalf = _Float16;
+#endif
+
 float gcc_f16_to_float(std::uint16_t bits) {
-  _Float16 h;
+  GccHalf h;
   std::memcpy(&h, &bits, sizeof h);
   return static_cast<float>(h);
 }
 
 std::uint16_t gcc_float_to_f16(float f) {
-  const _Float16 h = static_cast<_Float16>(f);
+  const GccHalf h = static_cast<GccHalf>(f);
   std::uint16_t bits;
   std::memcpy(&bits, &h, sizeof bits);
   return bits;

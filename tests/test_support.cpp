@@ -425,14 +425,20 @@ void run_all(const msda::Problem& problem, const Tensors& tensors, Results& resu
                  options);
 }
 
-const std::vector<msda::Isa>& cpu_isas() {
+const std::vector<msda::Isa>& all_isas() {
+  static const std::vector<msda::Isa> isas = {msda::Isa::best, msda::Isa::baseline, msda::Isa::avx2,
+                                              msda::Isa::avx512, msda::Isa::neon, msda::Isa::sve256};
+  return isas;
+}
+
+const std::vector<msda::Isa>& supported_isas() {
   static const std::vector<msda::Isa> isas = [] {
     std::vector<msda::Isa> out;
     Shape s;
     s.levels = {{2, 2}};
     const msda::Problem p = make_problem(s, {DType::f32, DType::f32, DType::f32});
     const float value[4] = {1, 2, 3, 4}, loc[2] = {0.5f, 0.5f}, weight[1] = {1};
-    for (msda::Isa isa : {msda::Isa::best, msda::Isa::baseline, msda::Isa::avx2, msda::Isa::avx512}) {
+    for (msda::Isa isa : all_isas()) {
       float output[1] = {0};
       try {
         msda::forward(p, {value, loc, weight}, output, {1, msda::Backend::cpu, isa});
@@ -443,6 +449,31 @@ const std::vector<msda::Isa>& cpu_isas() {
     std::string names;
     for (msda::Isa isa : out) names += " " + std::string(msda::name(isa));
     std::fprintf(stderr, "msda tests: cpu backend instruction sets:%s\n", names.c_str());
+    return out;
+  }();
+  return isas;
+}
+
+const std::vector<msda::Isa>& cpu_isas() {
+  static const std::vector<msda::Isa> isas = [] {
+    const char* env = std::getenv("MSDA_TEST_ISA");
+    if (env == nullptr || *env == '\0') return supported_isas();
+    std::vector<msda::Isa> out;
+    std::stringstream list(env);
+    for (std::string item; std::getline(list, item, ',');) {
+      const auto known = std::find_if(all_isas().begin(), all_isas().end(),
+                                       [&](msda::Isa isa) { return msda::name(isa) == item; });
+      if (known == all_isas().end() ||
+          std::find(supported_isas().begin(), supported_isas().end(), *known) == supported_isas().end()) {
+        std::fprintf(stderr, "msda tests: MSDA_TEST_ISA=%s: '%s' is not an instruction set this machine and build support\n",
+                     env, item.c_str());
+        std::exit(2);
+      }
+      out.push_back(*known);
+    }
+    std::string names;
+    for (msda::Isa isa : out) names += " " + std::string(msda::name(isa));
+    std::fprintf(stderr, "msda tests: testing instruction sets (MSDA_TEST_ISA):%s\n", names.c_str());
     return out;
   }();
   return isas;

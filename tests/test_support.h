@@ -153,8 +153,19 @@ msda::Problem as_f64(const msda::Problem& problem);
 void run_all(const msda::Problem& problem, const Tensors& tensors, Results& results,
              const msda::Options& options);
 
+// Every value of msda::Isa, `best` first, then as the enum lists them (each architecture's from
+// narrowest to widest).
+const std::vector<msda::Isa>& all_isas();
+
 // The instruction sets the cpu backend accepts on this machine (those it rejects with an Error are
-// left out), best first. A test of the cpu backend runs each of them.
+// left out), in all_isas() order: `best` first, the widest last.
+const std::vector<msda::Isa>& supported_isas();
+
+// The instruction sets a test of the cpu backend runs: supported_isas(), or only those named in the
+// environment variable MSDA_TEST_ISA (comma-separated names, e.g. "neon" or "best,avx2"), so that
+// a run can test one at a time (scripts/arm64-check.sh under emulation). A name that is unknown or
+// not supported here ends the program with an error: a run that asked for an instruction set
+// must never pass without testing it.
 const std::vector<msda::Isa>& cpu_isas();
 
 // True when the argument name contains one of `names` (case-insensitive); a one-letter name must
