@@ -67,7 +67,11 @@ struct GatherFloor {
   typedef float Vec16 __attribute__((vector_size(64)));
 
   // Summed 16 floats at a time in registers (AVX-512), as the kernels do: loads and adds only.
-  __attribute__((target("avx512f"))) float sum_job(const float* value, std::size_t job) const {
+  // Written for AVX-512 alone: elsewhere (Arm) it is built for the baseline and never run.
+#if defined(__x86_64__)
+  __attribute__((target("avx512f")))
+#endif
+  float sum_job(const float* value, std::size_t job) const {
     const std::int64_t blocks = (p.queries + block - 1) / block, n = static_cast<std::int64_t>(job) / blocks;
     const std::int64_t q0 = static_cast<std::int64_t>(job) % blocks * block, q1 = std::min(q0 + block, p.queries);
     const std::int64_t D = p.channels, stride = p.heads * D, samples = p.num_levels() * p.points;
@@ -104,8 +108,12 @@ struct GatherFloor {
   }
 
   bool available() const {
+#if defined(__x86_64__)
     return __builtin_cpu_supports("avx512f") && p.channels == 32 && p.num_levels() <= 16 &&
            p.value_dtype == msda::DType::f32;
+#else
+    return false;
+#endif
   }
 
   float run(const float* value, int threads) const {
@@ -173,7 +181,11 @@ int main(int argc, char** argv) try {
     o.tuning.level_parts = true;
     variants.push_back({"level_parts=true (backward parts of one level)", o});
   }
+#if defined(__aarch64__)
+  for (msda::Isa isa : {msda::Isa::neon, msda::Isa::baseline}) {
+#else
   for (msda::Isa isa : {msda::Isa::avx2, msda::Isa::baseline}) {
+#endif
     msda::Options o{threads};
     o.isa = isa;
     variants.push_back({"isa=" + std::string(msda::name(isa)), o});
