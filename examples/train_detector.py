@@ -43,19 +43,13 @@ Measured on the 2-core development machine (AMD EPYC, Debian 12, torch 1.13 with
   the GIoU part 2.40 -> 1.23, the class part 2.98 -> 1.79; each summed over the 3 decoder layers).
   Distributed, 2 ranks of 1 thread each (torchrun, below): 0.142 s a step, the same losses.
 
-Examples:
-  /usr/bin/python3 examples/train_detector.py --steps 300 --log train.jsonl
-  /usr/bin/python3 examples/train_detector.py --compare --plot train_compare.png
-  /usr/bin/python3 examples/train_detector.py --dtype bfloat16 --steps 50
-  torchrun --nproc_per_node=2 examples/train_detector.py --ddp --steps 100
-  /usr/bin/python3 -m torch.distributed.run --nproc_per_node=2 examples/train_detector.py --ddp
+Examples (from the repository root, with msda installed in .venv by scripts/setup.sh):
+  .venv/bin/python examples/train_detector.py --steps 300 --log train.jsonl
+  .venv/bin/python examples/train_detector.py --compare --plot train_compare.png
+  .venv/bin/python examples/train_detector.py --dtype bfloat16 --steps 50
+  .venv/bin/torchrun --nproc_per_node=2 examples/train_detector.py --ddp --steps 100
 
-Debian 12's torch 1.13 under Python 3.11 has a launcher bug: torchrun's default --redirects 0 fails
-with "'NoneType' object has no attribute 'get'" (enum.IntFlag no longer lists the 0 member), so
-there add `--redirects 1 --tee 1` (stdout to the console and a log file, stderr to the console):
-  torchrun --redirects 1 --tee 1 --nproc_per_node=2 examples/train_detector.py --ddp
-
-(with msda importable: PYTHONPATH=build/python from the repository root, or installed.)
+(or, straight from a build: PYTHONPATH=build/python .venv/bin/python examples/train_detector.py ...)
 
 Distributed (--ddp, under torchrun): torch.distributed with the gloo backend, the model wrapped in
 DistributedDataParallel; the global batch (--batch) is generated identically on every rank from
@@ -72,10 +66,10 @@ import statistics
 import sys
 import time
 
-# Debian's torch runs its Linear layers on the system BLAS (OpenBLAS, pthreads), whose thread pool
-# torch.set_num_threads does not control: beside torch's own --threads OpenMP threads it
-# oversubscribes the cores (measured: 0.46 s a step instead of 0.18 s with 2 threads on 2 cores).
-# torch's threads do the parallel work; keep OpenBLAS to one thread unless told otherwise.
+# PyPI's torch runs its Linear layers on MKL, inside torch's own threads. A torch built against
+# the system's OpenBLAS (Debian's) has a second thread pool that torch.set_num_threads does not
+# control and that oversubscribes the cores (measured with Debian's torch 1.13: 0.46 s a step
+# instead of 0.18 s with 2 threads on 2 cores): keep OpenBLAS to one thread unless told otherwise.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
     # Several ranks on one machine: share the cores among them.

@@ -1,7 +1,7 @@
 """Shared helpers for the msda PyTorch-binding tests.
 
 Run from the repository root after the build:
-    PYTHONPATH=build/python /usr/bin/python3 -m pytest tests/python
+    PYTHONPATH=build/python .venv/bin/python -m pytest tests/python
 """
 import math
 

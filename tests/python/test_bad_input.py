@@ -137,9 +137,9 @@ BAD = [
 
 
 def _below_autograd_if_meta(tensors):
-    """The backward op has no Autograd kernel, and in torch 1.13 the AutogradMeta key (unlike
-    AutogradCPU/AutogradCUDA) is not a fallthrough, so a meta tensor would stop at the dispatcher.
-    Inference mode skips the autograd keys, reaching the op's own checks as a real device would."""
+    """A meta tensor among the inputs of the backward op: inference mode skips the autograd
+    keys (whose meta entry was not a fallthrough in older torch), so the call reaches the op's own
+    device checks as a real device's would."""
     if any(t.device.type == "meta" for t in tensors):
         return torch.inference_mode()
     return contextlib.nullcontext()

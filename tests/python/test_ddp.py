@@ -70,8 +70,8 @@ def test_ddp_gradients_equal_single_process(example, tmp_path, attention, restor
     loss, expected = single_process_gradients(example, argv, 4)
 
     out = tmp_path / "ddp_grads.pt"
-    # --redirects 1 --tee 1: Debian 12's torch 1.13 under Python 3.11 cannot parse the default
-    # --redirects 0 (Std.from_str("0") returns None, then 'NoneType' object has no attribute 'get').
+    # --redirects 1 --tee 1: each rank's output in the log folder and on the console (it also
+    # avoided a parsing bug of the default --redirects 0 in torch 1.13 under Python 3.11).
     command = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                f"--master_port={free_port()}", "--redirects", "1", "--tee", "1", "--log_dir", str(tmp_path / "logs"),
                EXAMPLE, "--ddp", "--steps", "1", "--save-grads", str(out)] + argv
