@@ -41,20 +41,18 @@ Counts counts(const Problem& p) {
           p.batch * p.queries * p.heads * p.channels};
 }
 
-// Problem -> checks -> Params: everything the two entry points share. Nothing is touched before
-// every check has passed.
-Params prepare(const Problem& problem, const Inputs& inputs, const Options& options) {
-  validate(problem);
-  const Counts n = counts(problem);
-  require_pointer(inputs.value, n.value, "value");
-  require_pointer(inputs.sampling_locations, 2 * n.samples, "sampling_locations");
-  require_pointer(inputs.attention_weights, n.samples, "attention_weights");
+void check_tuning(const Options& options) {
   if (options.tuning.query_block < 0)
     throw Error("options.tuning.query_block", ">= 0 (0 = the default)", std::to_string(options.tuning.query_block));
   if (options.tuning.accumulator_budget < 0)
     throw Error("options.tuning.accumulator_budget", ">= 0 bytes (0 = the default)",
                 std::to_string(options.tuning.accumulator_budget));
+}
 
+// Validated problem -> Params: everything the entry points share. Pointers are the per-sample
+// tensors' (sampling_locations and attention_weights, or the fused op's offsets and logits).
+Params make_params(const Problem& problem, const void* value, const void* locations, const void* weights,
+                   const Options& options) {
   Params params;
   params.problem = &problem;
   params.N = problem.batch;
@@ -75,9 +73,11 @@ Params prepare(const Problem& problem, const Inputs& inputs, const Options& opti
   }
   params.location_bytes = size_of(problem.location_dtype);
   params.weight_bytes = size_of(problem.weight_dtype);
-  params.value = inputs.value;
-  params.locations = inputs.sampling_locations;
-  params.weights = inputs.attention_weights;
+  params.grad_location_dtype = problem.location_dtype;
+  params.grad_weight_dtype = problem.weight_dtype;
+  params.value = value;
+  params.locations = locations;
+  params.weights = weights;
 
   params.threads = resolve_threads(options.threads);
   params.backend = resolve_backend(options.backend);
@@ -86,6 +86,35 @@ Params prepare(const Problem& problem, const Inputs& inputs, const Options& opti
   params.stage_value = options.tuning.stage_value;
   params.level_parts = options.tuning.level_parts;
   if (options.tuning.accumulator_budget > 0) params.accumulator_budget = options.tuning.accumulator_budget;
+  return params;
+}
+
+// Problem -> checks -> Params for the plain op. Nothing is touched before every check has passed.
+Params prepare(const Problem& problem, const Inputs& inputs, const Options& options) {
+  validate(problem);
+  const Counts n = counts(problem);
+  require_pointer(inputs.value, n.value, "value");
+  require_pointer(inputs.sampling_locations, 2 * n.samples, "sampling_locations");
+  require_pointer(inputs.attention_weights, n.samples, "attention_weights");
+  check_tuning(options);
+  return make_params(problem, inputs.value, inputs.sampling_locations, inputs.attention_weights, options);
+}
+
+// The same for the fused op.
+Params prepare_fused(const Problem& problem, const FusedInputs& inputs, const Options& options) {
+  validate_fused(problem);
+  const Counts n = counts(problem);
+  require_pointer(inputs.value, n.value, "value");
+  require_pointer(inputs.reference_points, problem.batch * problem.queries * problem.num_levels() * problem.reference_coords,
+                  "reference_points");
+  require_pointer(inputs.sampling_offsets, 2 * n.samples, "sampling_offsets");
+  require_pointer(inputs.attention_logits, n.samples, "attention_logits");
+  check_tuning(options);
+  Params params = make_params(problem, inputs.value, inputs.sampling_offsets, inputs.attention_logits, options);
+  params.fused = true;
+  params.reference_points = inputs.reference_points;
+  params.reference_coords = problem.reference_coords;
+  params.reference_dtype = problem.reference_dtype;
   return params;
 }
 
@@ -124,6 +153,45 @@ void backward(const Problem& problem, const Inputs& inputs, const void* grad_out
   switch (params.backend) {
     case Backend::reference: return reference::backward(params);
     default: return cpu::backward(params);
+  }
+}
+
+void forward_fused(const Problem& problem, const FusedInputs& inputs, void* output, const Options& options) {
+  Params params = prepare_fused(problem, inputs, options);
+  const Counts n = counts(problem);
+  require_pointer(output, n.output, "output");
+  if (n.output == 0) return;
+  params.output = output;
+  switch (params.backend) {
+    case Backend::reference: return reference::forward_fused(params);
+    default: return cpu::forward(params);  // the kernels' loads see params.fused
+  }
+}
+
+void backward_fused(const Problem& problem, const FusedInputs& inputs, const void* grad_output,
+                    const FusedGradients& gradients, const Options& options) {
+  Params params = prepare_fused(problem, inputs, options);
+  const Counts n = counts(problem);
+  require_pointer(grad_output, n.output, "grad_output");
+  if (n.samples == 0) {
+    // As in backward(): no sample, so grad_value is zeros and the other gradients are empty
+    // (reference_points has N*Q*L*coords elements, zero too when N or Q is; when only M is
+    // zero no sample moves it, so its gradient is zero).
+    if (gradients.value && n.value > 0)
+      std::memset(gradients.value, 0, static_cast<std::size_t>(n.value) * size_of(problem.value_dtype));
+    const std::int64_t refs = problem.batch * problem.queries * problem.num_levels() * problem.reference_coords;
+    if (gradients.reference_points && refs > 0)
+      std::memset(gradients.reference_points, 0, static_cast<std::size_t>(refs) * size_of(problem.reference_dtype));
+    return;
+  }
+  params.grad_output = grad_output;
+  params.grad_value = gradients.value;
+  params.grad_reference_points = gradients.reference_points;
+  params.grad_offsets = gradients.sampling_offsets;
+  params.grad_logits = gradients.attention_logits;
+  switch (params.backend) {
+    case Backend::reference: return reference::backward_fused(params);
+    default: return cpu::backward_fused(params);
   }
 }
 

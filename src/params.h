@@ -26,6 +26,22 @@ struct Params {
   void* grad_weights = nullptr;
 
   std::size_t location_bytes = 4, weight_bytes = 4;  // element sizes of sampling_locations, weights
+  // The dtypes grad_locations and grad_weights are stored in: the problem's, or (fused backward)
+  // the compute type of the per-sample scratch the kernel hands to the chain rule.
+  DType grad_location_dtype = DType::f32, grad_weight_dtype = DType::f32;
+
+  // The fused op: `locations` points at sampling_offsets and `weights` at attention_logits (the
+  // same layouts and element counts), and the kernels turn them into locations and softmax
+  // weights as they load them (cpu: Group::load), in double.
+  bool fused = false;
+  const void* reference_points = nullptr;  // [N, Q, L, reference_coords]
+  std::int64_t reference_coords = 2;
+  DType reference_dtype = DType::f32;
+  // fused backward: the caller's gradients of the three inputs that replace locations and
+  // weights (null: not wanted); grad_locations and grad_weights then point at internal scratch.
+  void* grad_reference_points = nullptr;
+  void* grad_offsets = nullptr;
+  void* grad_logits = nullptr;
   int threads = 1;  // resolved: >= 1
   Backend backend = Backend::cpu;  // resolved: never automatic
   Isa isa = Isa::best;
@@ -46,6 +62,8 @@ struct Params {
   std::int64_t sample_index(std::int64_t n, std::int64_t q, std::int64_t m, std::int64_t l, std::int64_t p) const {
     return (((n * Q + q) * M + m) * L + l) * P + p;
   }
+  // First element of reference_points[n, q, 0, :] (fused op).
+  std::int64_t reference_offset(std::int64_t n, std::int64_t q) const { return (n * Q + q) * L * reference_coords; }
   // First element of value[n, row, m, :] (and of grad_value's).
   std::int64_t value_offset(std::int64_t n, std::int64_t row, std::int64_t m) const {
     return ((n * S + row) * M + m) * D;

@@ -113,7 +113,15 @@ std::vector<std::int64_t> level_starts(const std::vector<Level>& levels) {
   return starts;
 }
 
-void validate(const Problem& p) {
+namespace {
+
+// The rules validate() and validate_fused() share; `names` names the two per-sample tensors.
+struct SampleNames {
+  const char* locations;  // [N, Q, M, L, P, 2]
+  const char* weights;    // [N, Q, M, L, P] (the fused op's [N, Q, M, L*P]: the same elements)
+};
+
+void validate_common(const Problem& p, const SampleNames& names) {
   require_nonnegative(p.batch, "batch (N)");
   require_nonnegative(p.queries, "queries (Q)");
   require_nonnegative(p.heads, "heads (M)");
@@ -153,8 +161,8 @@ void validate(const Problem& p) {
     throw Error("value", "S = " + str(total_rows) + " rows (sum of H*W over the levels)",
                 "S = " + str(p.value_len));
 
-  check_sample_dtype(p.value_dtype, p.location_dtype, "sampling_locations");
-  check_sample_dtype(p.value_dtype, p.weight_dtype, "attention_weights");
+  check_sample_dtype(p.value_dtype, p.location_dtype, names.locations);
+  check_sample_dtype(p.value_dtype, p.weight_dtype, names.weights);
 
   // Every element offset, and every byte offset, must fit in int64 (the kernels use 64-bit
   // indexing throughout; this is what makes that sufficient).
@@ -167,13 +175,33 @@ void validate(const Problem& p) {
   // Products that stay meaningful when N or Q is zero (the row widths of the tensors).
   checked_product({p.heads, p.channels}, "value", "M*D");
   checked_product({p.value_len, p.heads, p.channels}, "value", "S*M*D");
-  checked_product({p.heads, L, p.points, 2}, "sampling_locations", "M*L*P*2");
+  checked_product({p.heads, L, p.points, 2}, names.locations, "M*L*P*2");
   bytes(checked_product({p.batch, p.value_len, p.heads, p.channels}, "value", "N*S*M*D"), p.value_dtype, "value");
-  bytes(checked_product({p.batch, p.queries, p.heads, L, p.points, 2}, "sampling_locations", "N*Q*M*L*P*2"),
-        p.location_dtype, "sampling_locations");
-  bytes(checked_product({p.batch, p.queries, p.heads, L, p.points}, "attention_weights", "N*Q*M*L*P"),
-        p.weight_dtype, "attention_weights");
+  bytes(checked_product({p.batch, p.queries, p.heads, L, p.points, 2}, names.locations, "N*Q*M*L*P*2"),
+        p.location_dtype, names.locations);
+  bytes(checked_product({p.batch, p.queries, p.heads, L, p.points}, names.weights, "N*Q*M*L*P"), p.weight_dtype,
+        names.weights);
   bytes(checked_product({p.batch, p.queries, p.heads, p.channels}, "output", "N*Q*M*D"), p.value_dtype, "output");
+}
+
+}  // namespace
+
+void validate(const Problem& p) { validate_common(p, {"sampling_locations", "attention_weights"}); }
+
+void validate_fused(const Problem& p) {
+  // reference_points' own rules first: an unusable coordinate count must not surface as some
+  // other tensor's size error.
+  if (p.reference_coords != 2 && p.reference_coords != 4)
+    throw Error("reference_points", "2 coordinates (x, y) or 4 (cx, cy, w, h) in the last dimension",
+                str(p.reference_coords));
+  check_sample_dtype(p.value_dtype, p.reference_dtype, "reference_points");
+  validate_common(p, {"sampling_offsets", "attention_logits"});
+  checked_product({p.num_levels(), p.points}, "attention_logits", "L*P");  // its last size, even when M = 0
+  const std::int64_t elements = checked_product({p.batch, p.queries, p.num_levels(), p.reference_coords},
+                                                "reference_points", "N*Q*L*coords");
+  std::int64_t b;
+  if (__builtin_mul_overflow(elements, static_cast<std::int64_t>(size_of(p.reference_dtype)), &b))
+    throw Error("reference_points", "a byte size that fits in 64 bits", str(elements) + " elements");
 }
 
 Problem describe(const TensorSizes& sizes, const std::int64_t* spatial_shapes,
@@ -227,6 +255,69 @@ Problem describe(const TensorSizes& sizes, const std::int64_t* spatial_shapes,
   p.location_dtype = location_dtype;
   p.weight_dtype = weight_dtype;
   validate(p);
+  return p;
+}
+
+Problem describe_fused(const FusedTensorSizes& sizes, const std::int64_t* spatial_shapes,
+                       const std::int64_t* level_start_index, DType value_dtype, DType reference_dtype,
+                       DType offset_dtype, DType logit_dtype) {
+  const auto& v = sizes.value;
+  const auto& ss = sizes.spatial_shapes;
+  const auto& ls = sizes.level_start_index;
+  const auto& ref = sizes.reference_points;
+  const auto& off = sizes.sampling_offsets;
+  const auto& logits = sizes.attention_logits;
+  if (v.size() != 4) throw Error("value", "4 dimensions [N, S, M, D]", rank_str(v));
+  if (ss.size() != 2 || ss[1] != 2) throw Error("spatial_shapes", "2 dimensions [L, 2]", rank_str(ss));
+  if (ls.size() != 1) throw Error("level_start_index", "1 dimension [L]", rank_str(ls));
+  if (ref.size() != 4) throw Error("reference_points", "4 dimensions [N, Q, L, 2 or 4]", rank_str(ref));
+  if (off.size() != 6) throw Error("sampling_offsets", "6 dimensions [N, Q, M, L, P, 2]", rank_str(off));
+  if (logits.size() != 4) throw Error("attention_logits", "4 dimensions [N, Q, M, L*P]", rank_str(logits));
+  const std::pair<const std::vector<std::int64_t>*, const char*> named[] = {
+      {&v, "value"},          {&ss, "spatial_shapes"},     {&ls, "level_start_index"},
+      {&ref, "reference_points"}, {&off, "sampling_offsets"}, {&logits, "attention_logits"}};
+  for (const auto& [t, argument] : named)
+    for (std::int64_t s : *t)
+      if (s < 0) throw Error(argument, "non-negative sizes", str(*t));
+
+  const std::int64_t N = v[0], S = v[1], M = v[2], D = v[3], L = ss[0], P = off[4];
+  if (D < 1) throw Error("value", "D >= 1 channels per head (dimension 3)", "D = " + str(D));
+  if (L < 1) throw Error("spatial_shapes", "at least 1 level (L >= 1)", "L = " + str(L));
+  if (P < 1) throw Error("sampling_offsets", "P >= 1 points (dimension 4)", "P = " + str(P));
+  if (ls[0] != L)
+    throw Error("level_start_index", "[L] = [" + str(L) + "] (L from spatial_shapes)", str(ls));
+  const std::vector<std::int64_t> expected_off{N, off[1], M, L, P, 2};
+  if (off != expected_off)
+    throw Error("sampling_offsets", "sizes [N, Q, M, L, P, 2] = " + str(expected_off) +
+                                        " (N, M from value; L from spatial_shapes)",
+                str(off));
+  const std::int64_t Q = off[1];
+  if (ref[0] != N || ref[1] != Q || ref[2] != L || (ref[3] != 2 && ref[3] != 4))
+    throw Error("reference_points",
+                "sizes [N, Q, L, 2 or 4] = [" + str(N) + ", " + str(Q) + ", " + str(L) +
+                    ", 2 or 4] (N from value, Q from sampling_offsets, L from spatial_shapes)",
+                str(ref));
+  const std::vector<std::int64_t> expected_logits{N, Q, M, checked_product({L, P}, "attention_logits", "L*P")};
+  if (logits != expected_logits)
+    throw Error("attention_logits", "sizes [N, Q, M, L*P] = " + str(expected_logits) + " (from sampling_offsets)",
+                str(logits));
+
+  Problem p;
+  p.batch = N;
+  p.value_len = S;
+  p.heads = M;
+  p.channels = D;
+  p.queries = Q;
+  p.points = P;
+  p.levels.resize(static_cast<std::size_t>(L));
+  p.level_start_index.assign(level_start_index, level_start_index + L);
+  for (std::int64_t l = 0; l < L; ++l) p.levels[l] = Level{spatial_shapes[2 * l], spatial_shapes[2 * l + 1]};
+  p.value_dtype = value_dtype;
+  p.location_dtype = offset_dtype;
+  p.weight_dtype = logit_dtype;
+  p.reference_coords = ref[3];
+  p.reference_dtype = reference_dtype;
+  validate_fused(p);
   return p;
 }
 

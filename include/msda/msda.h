@@ -9,6 +9,11 @@
 //   attention_weights   [N, Q, M, L, P]     weight_dtype
 //   output              [N, Q, M*D]         value_dtype
 // Each gradient has the shape and dtype of its input; grad_output has the output's.
+//
+// The fused op (SPEC "The fused op", forward_fused below) takes instead of the last two:
+//   reference_points    [N, Q, L, 2 or 4]   reference_dtype  ((x, y) or a box (cx, cy, w, h))
+//   sampling_offsets    [N, Q, M, L, P, 2]  location_dtype   (the offsets Linear's output)
+//   attention_logits    [N, Q, M, L*P]      weight_dtype     (before the softmax)
 #pragma once
 
 #include <cstdint>
@@ -55,6 +60,10 @@ struct Problem {
   DType value_dtype = DType::f32;
   DType location_dtype = DType::f32;  // value_dtype, or f32
   DType weight_dtype = DType::f32;    // value_dtype, or f32
+  // Read by the fused entry points only (there location_dtype is sampling_offsets' dtype and
+  // weight_dtype attention_logits').
+  std::int64_t reference_coords = 2;   // 2: points (x, y); 4: boxes (cx, cy, w, h)
+  DType reference_dtype = DType::f32;  // value_dtype, or f32
 
   std::int64_t num_levels() const noexcept { return static_cast<std::int64_t>(levels.size()); }
 };
@@ -79,6 +88,21 @@ Problem describe(const TensorSizes& sizes, const std::int64_t* spatial_shapes,
                  DType weight_dtype);
 // Throws Error unless grad_output has the output's sizes [N, Q, M*D].
 void check_grad_output_sizes(const Problem& problem, const std::vector<std::int64_t>& sizes);
+
+// validate() for the fused op: the same rules, with errors naming sampling_offsets and
+// attention_logits, plus reference_coords (2 or 4) and reference_dtype (value's or f32).
+void validate_fused(const Problem& problem);
+
+// describe() for the fused op: value [N, S, M, D], spatial_shapes [L, 2], level_start_index [L],
+// reference_points [N, Q, L, 2 or 4], sampling_offsets [N, Q, M, L, P, 2],
+// attention_logits [N, Q, M, L*P].
+struct FusedTensorSizes {
+  std::vector<std::int64_t> value, spatial_shapes, level_start_index, reference_points, sampling_offsets,
+      attention_logits;
+};
+Problem describe_fused(const FusedTensorSizes& sizes, const std::int64_t* spatial_shapes,
+                       const std::int64_t* level_start_index, DType value_dtype, DType reference_dtype,
+                       DType offset_dtype, DType logit_dtype);
 
 enum class Backend : std::uint8_t {
   automatic,  // the fastest backend available for the problem (today: cpu)
@@ -141,6 +165,21 @@ struct Gradients {
   void* attention_weights = nullptr;   // [N, Q, M, L, P]
 };
 
+struct FusedInputs {
+  const void* value = nullptr;
+  const void* reference_points = nullptr;
+  const void* sampling_offsets = nullptr;
+  const void* attention_logits = nullptr;
+};
+
+// Null members are gradients the caller does not want, as in Gradients.
+struct FusedGradients {
+  void* value = nullptr;             // [N, S, M, D], fully overwritten
+  void* reference_points = nullptr;  // [N, Q, L, coords]
+  void* sampling_offsets = nullptr;  // [N, Q, M, L, P, 2]
+  void* attention_logits = nullptr;  // [N, Q, M, L*P]
+};
+
 // output = MSDA(inputs). Validates the problem first; throws Error on bad input.
 void forward(const Problem& problem, const Inputs& inputs, void* output, const Options& options = {});
 
@@ -148,5 +187,16 @@ void forward(const Problem& problem, const Inputs& inputs, void* output, const O
 // identical across runs and thread counts.
 void backward(const Problem& problem, const Inputs& inputs, const void* grad_output,
               const Gradients& gradients, const Options& options = {});
+
+// The fused op: output = MSDA(value, locations, softmax(attention_logits)) with the locations
+// computed from reference_points and sampling_offsets (SPEC "The fused op"); the locations and
+// weights exist only inside the kernels. Validates with validate_fused; throws Error on bad input.
+void forward_fused(const Problem& problem, const FusedInputs& inputs, void* output, const Options& options = {});
+
+// The gradients of sum(grad_output * output) with respect to the four inputs, deterministic like
+// backward()'s (grad_value comes from the same kernel). A sample zeroed by the range rule
+// contributes nothing to any gradient: an infinite offset or box size gives no 0 * inf.
+void backward_fused(const Problem& problem, const FusedInputs& inputs, const void* grad_output,
+                    const FusedGradients& gradients, const Options& options = {});
 
 }  // namespace msda

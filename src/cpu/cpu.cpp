@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <iterator>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <string>
 
@@ -32,6 +33,7 @@ struct Target {
   Isa isa;
   void (*forward)(const Params&, const Scratch&);
   void (*backward)(const Params&, const Scratch&);
+  void (*fused_epilogue)(const Params&, const Scratch&);
 };
 
 #if defined(MSDA_CPU_TARGETS_ARM64)
@@ -79,14 +81,14 @@ Target target_for(Isa requested) {
   // Widest first: `best` takes the first one this CPU supports.
   const Target targets[] = {
 #if defined(MSDA_CPU_TARGETS_X86)
-      {Isa::avx512, avx512::forward, avx512::backward},
-      {Isa::avx2, avx2::forward, avx2::backward},
+      {Isa::avx512, avx512::forward, avx512::backward, avx512::fused_epilogue},
+      {Isa::avx2, avx2::forward, avx2::backward, avx2::fused_epilogue},
 #endif
 #if defined(MSDA_CPU_TARGETS_ARM64)
-      {Isa::sve256, sve256::forward, sve256::backward},
-      {Isa::neon, neon::forward, neon::backward},
+      {Isa::sve256, sve256::forward, sve256::backward, sve256::fused_epilogue},
+      {Isa::neon, neon::forward, neon::backward, neon::fused_epilogue},
 #endif
-      {Isa::baseline, baseline::forward, baseline::backward}};
+      {Isa::baseline, baseline::forward, baseline::backward, baseline::fused_epilogue}};
   for (const Target& t : targets)
     if ((requested == Isa::best || requested == t.isa) && supported(t.isa)) return t;
   std::string accepted = "best";
@@ -195,6 +197,76 @@ struct StagedValue {
   }
 };
 
+// The fused backward's per-sample scratch, kept between calls: a fresh allocation of tens of MB
+// would page-fault on every call (README, "What did not pay": ~20 ms for a value-sized buffer).
+// A call leases the cached buffer when it is large enough, else allocates its own, and hands it
+// back at the end, where the larger of the two stays; concurrent calls never share a buffer, and
+// none above kMaxCachedBytes is kept.
+class Workspace {
+ public:
+  static constexpr std::size_t kMaxCachedBytes = std::size_t(256) << 20;
+
+  explicit Workspace(std::size_t bytes) {
+    if (bytes == 0) return;
+    {
+      const std::lock_guard<std::mutex> lock(mutex());
+      if (cached_bytes() >= bytes && cached()) {
+        memory_ = std::move(cached());
+        bytes_ = cached_bytes();
+        cached_bytes() = 0;
+        return;
+      }
+    }
+    memory_.reset(new std::byte[bytes]);
+    bytes_ = bytes;
+  }
+  ~Workspace() {
+    if (!memory_ || bytes_ > kMaxCachedBytes) return;
+    const std::lock_guard<std::mutex> lock(mutex());
+    if (bytes_ > cached_bytes()) {
+      cached() = std::move(memory_);
+      cached_bytes() = bytes_;
+    }
+  }
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  std::byte* data() const { return memory_.get(); }
+
+ private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static std::unique_ptr<std::byte[]>& cached() {
+    static std::unique_ptr<std::byte[]> memory;
+    return memory;
+  }
+  static std::size_t& cached_bytes() {
+    static std::size_t bytes = 0;
+    return bytes;
+  }
+  std::unique_ptr<std::byte[]> memory_;
+  std::size_t bytes_ = 0;
+};
+
+// Per-thread memory of fused_epilogue (kernels.inl): one row's softmax, results and offsets
+// (5 group capacities of doubles), and a query's reference points and their gradient.
+struct EpilogueScratch {
+  std::unique_ptr<std::byte[]> storage;
+  Scratch scratch;
+
+  explicit EpilogueScratch(const Params& p) {
+    if (p.L * p.P > (std::int64_t(1) << 40)) throw std::bad_alloc();
+    const auto LP = static_cast<std::size_t>(p.L * p.P);
+    scratch.group_capacity = static_cast<std::int64_t>((LP + 7) / 8 * 8);
+    const std::size_t doubles = 5 * static_cast<std::size_t>(scratch.group_capacity) + 8 * static_cast<std::size_t>(p.L);
+    scratch.stride = (doubles * 8 + 63) / 64 * 64;
+    storage.reset(new std::byte[scratch.stride * static_cast<std::size_t>(p.threads) + 64]);
+    const auto address = reinterpret_cast<std::uintptr_t>(storage.get());
+    scratch.base = storage.get() + (64 - address % 64) % 64;
+  }
+};
+
 }  // namespace
 
 void forward(const Params& params) {
@@ -235,6 +307,29 @@ void backward(const Params& params) {
   }
   ScratchBuffer buffer(scatter, &scatter_plan);
   target.backward(scatter, buffer.scratch);
+}
+
+// The kernel's per-sample gradients (g_loc, g_a) go to scratch in the compute type instead of the
+// caller's tensors; fused_epilogue turns them into the offset, logit and reference-point
+// gradients. grad_value is the plain backward's, from the same kernel and the same plan.
+void backward_fused(const Params& params) {
+  const Target target = target_for(params.isa);
+  const bool want_locations = params.grad_reference_points || params.grad_offsets;
+  const bool want_weights = params.grad_logits != nullptr;
+  Params kernel = params;
+  const DType compute = params.problem->value_dtype == DType::f64 ? DType::f64 : DType::f32;
+  kernel.grad_location_dtype = kernel.grad_weight_dtype = compute;
+  // 3 values of the compute type per sample at most; a count that cannot exist is a bad_alloc.
+  std::size_t bytes;
+  const auto samples = static_cast<std::size_t>(params.N * params.Q * params.M * params.L * params.P);
+  if (__builtin_mul_overflow(samples, 3 * size_of(compute), &bytes)) throw std::bad_alloc();
+  Workspace workspace(want_locations || want_weights ? bytes : 0);
+  kernel.grad_locations = want_locations ? workspace.data() : nullptr;
+  kernel.grad_weights = want_weights ? workspace.data() + 2 * samples * size_of(compute) : nullptr;
+  backward(kernel);
+  if (!want_locations && !want_weights) return;
+  EpilogueScratch scratch(kernel);
+  target.fused_epilogue(kernel, scratch.scratch);
 }
 
 }  // namespace msda::cpu

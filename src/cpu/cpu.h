@@ -16,6 +16,10 @@ void forward(const Params& params);
 // add into the same element and the sums run in the same order whatever the thread count.
 void backward(const Params& params);
 
+// The fused op's backward: backward() in fused mode into per-sample scratch, then the chain rule
+// through the location arithmetic and the softmax (fused_epilogue in kernels.inl).
+void backward_fused(const Params& params);
+
 // Per-thread working memory, allocated by the dispatcher before any parallel region (so that a
 // bad_alloc reaches the caller) and handed to the kernels. Each thread's slice is laid out as
 // [channels | group | extra]: one row of D channels (runtime D), the geometry of one group of
@@ -44,6 +48,7 @@ inline constexpr std::size_t kGroupBytesPerSample = 5 * 8 + 6 * 8 + 6 * 8;
   namespace target {                                             \
   void forward(const Params& params, const Scratch& scratch);    \
   void backward(const Params& params, const Scratch& scratch);   \
+  void fused_epilogue(const Params& params, const Scratch& scratch); \
   }
 MSDA_DECLARE_TARGET(baseline)
 MSDA_DECLARE_TARGET(avx2)

@@ -165,6 +165,36 @@ MSDA_INLINE void store_values(void* base, std::int64_t first, std::int64_t count
   }
 }
 
+// The fused op's softmax of the L*P logits of row (n, q, m) into a[0, L*P), in double and
+// max-subtracted (SPEC "The fused op"); a[L*P, L*P rounded up to whole vectors) must exist and is
+// left 0. A NaN logit, or a row of -inf, makes the whole row NaN, as torch.softmax does. The max
+// and the sum are taken over vector lanes, then across them in a fixed order: the same bits on
+// every call.
+MSDA_INLINE void softmax_row(const Params& p, std::int64_t row, std::int64_t LP, double* a) {
+  using VD = Vec<double>;
+  constexpr std::int64_t kStep = kLanes<double>;
+  const std::int64_t padded = (LP + kStep - 1) / kStep * kStep;
+  const double inf = __builtin_inf();
+  load_doubles(p.weights, row * LP, LP, p.problem->weight_dtype, a);
+  for (std::int64_t s = LP; s < padded; ++s) a[s] = -inf;
+  VD high = VD{} - inf;
+  for (std::int64_t s = 0; s < padded; s += kStep) {
+    const VD v = load_compute(a + s);
+    high = v > high ? v : high;  // a NaN never wins: it makes the row NaN through the sum instead
+  }
+  double max = -inf;
+  for (int i = 0; i < kStep; ++i) max = high[i] > max ? high[i] : max;
+  VD sum{};
+  for (std::int64_t s = 0; s < padded; s += kStep) {
+    const VD e = exp_lanes(load_compute(a + s) - max);
+    store_compute(a + s, e);
+    sum += e;
+  }
+  const double total = reduce_add<double>(sum);
+  for (std::int64_t s = 0; s < padded; s += kStep) store_compute(a + s, load_compute(a + s) / total);
+  for (std::int64_t s = LP; s < padded; ++s) a[s] = 0;
+}
+
 // The geometry of a group of samples (SPEC "Forward"), in structure-of-arrays form, computed
 // kLanes<double> samples at a time with vector code. Coordinates are computed in double:
 // x*W - 0.5 is then exact for f32, bf16 and f16 locations, so which corners a sample touches
@@ -217,7 +247,40 @@ struct Group {
       case DType::bf16: deinterleave(static_cast<const bf16*>(p.locations) + 2 * first, count, at); break;
       case DType::f16: deinterleave(static_cast<const f16*>(p.locations) + 2 * first, count, at); break;
     }
-    load_doubles(p.weights, first, count, p.problem->weight_dtype, a + at);
+    if (!p.fused) {
+      load_doubles(p.weights, first, count, p.problem->weight_dtype, a + at);
+      return;
+    }
+    // The fused op: p.weights holds logits and x, y hold offsets now. The softmax needs the whole
+    // row (all levels), even when only some levels' samples were asked for.
+    const std::int64_t LP = p.L * p.P, row = first / LP;
+    softmax_row(p, row, LP, a);
+    place(p, row / p.M, at, at + count);
+  }
+
+  // The fused op: turns the offsets in x, y of samples [begin, end) of a row of query nq
+  // (= n * Q + q) into locations, in double, with SPEC's formulas written as the reference
+  // backend writes them (the same bits: the same corners at any boundary).
+  MSDA_INLINE void place(const Params& p, std::int64_t nq, std::int64_t begin, std::int64_t end) {
+    const std::int64_t R = p.reference_coords, P = p.P;
+    double ref[4];
+    for (std::int64_t l = begin / P; l * P < end; ++l) {
+      load_doubles(p.reference_points, (nq * p.L + l) * R, R, p.reference_dtype, ref);
+      const std::int64_t s_begin = begin > l * P ? begin : l * P, s_end = end < (l + 1) * P ? end : (l + 1) * P;
+      if (R == 2) {
+        const double W = p.width_f[l], H = p.height_f[l];
+        for (std::int64_t s = s_begin; s < s_end; ++s) {
+          x[s] = ref[0] + x[s] / W;
+          y[s] = ref[1] + y[s] / H;
+        }
+      } else {
+        const double points = static_cast<double>(P);
+        for (std::int64_t s = s_begin; s < s_end; ++s) {
+          x[s] = ref[0] + x[s] / points * ref[2] * 0.5;
+          y[s] = ref[1] + y[s] / points * ref[3] * 0.5;
+        }
+      }
+    }
   }
 
   template <class T>
@@ -596,14 +659,75 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
               }
           }
         }
-        if (p.grad_weights) store_values(p.grad_weights, first, count, p.problem->weight_dtype, grads);
-        if (p.grad_locations) store_values(p.grad_locations, 2 * first, 2 * count, p.problem->location_dtype, grads + count);
+        if (p.grad_weights) store_values(p.grad_weights, first, count, p.grad_weight_dtype, grads);
+        if (p.grad_locations) store_values(p.grad_locations, 2 * first, 2 * count, p.grad_location_dtype, grads + count);
       }
       if (acc)
         for (std::int64_t r = 0; r < rows; ++r) {
           V* dst = grad_value + p.value_offset(n, first_row + r, m);
           for (std::int64_t d = 0; d < D; ++d) dst[d] = Storage<V>::store(acc[r * D + d]);
         }
+    }
+  }
+}
+
+// ---- the fused backward's chain rule ----------------------------------------------------------
+
+// After backward_kernel ran in fused mode with p.grad_locations and p.grad_weights pointing at
+// per-sample scratch in the compute type C (g_loc = d out / d location, g_a = d out / d weight):
+// the gradients of the offsets, logits and reference points, in double. Parallel over (n, q):
+// each query's reference-point gradient is owned by one thread and summed over m, then l, then
+// p, whatever the thread count. A sample whose g_loc is zero (one zeroed by the range rule) adds
+// nothing: its offset or box size may be infinite, and 0 * inf would be NaN.
+template <class C>
+void fused_epilogue_kernel(const Params& p, const Scratch& scratch) {
+  const std::int64_t L = p.L, P = p.P, LP = L * P, R = p.reference_coords, cap = scratch.group_capacity;
+  const C* g_loc = static_cast<const C*>(p.grad_locations);
+  const C* g_a = static_cast<const C*>(p.grad_weights);
+  const double points = static_cast<double>(P);
+#pragma omp parallel num_threads(p.threads)
+  {
+    double* a = reinterpret_cast<double*>(scratch.for_thread(omp_get_thread_num()));  // [cap]
+    double* out = a + cap;                 // [2 cap]: one row's results before their conversion
+    double* offsets = out + 2 * cap;       // [2 cap]
+    double* box = offsets + 2 * cap;       // [L R]: the query's reference points
+    double* grad_ref = box + 4 * L;        // [L R]
+#pragma omp for schedule(static)
+    for (std::int64_t nq = 0; nq < p.N * p.Q; ++nq) {
+      load_doubles(p.reference_points, nq * L * R, L * R, p.reference_dtype, box);
+      for (std::int64_t k = 0; k < L * R; ++k) grad_ref[k] = 0;
+      for (std::int64_t m = 0; m < p.M; ++m) {
+        const std::int64_t row = nq * p.M + m, first = row * LP;
+        if (g_a) {  // softmax backward: a_j (g_j - sum_i a_i g_i)
+          softmax_row(p, row, LP, a);
+          double dot = 0;
+          for (std::int64_t j = 0; j < LP; ++j) dot += a[j] * static_cast<double>(g_a[first + j]);
+          for (std::int64_t j = 0; j < LP; ++j) out[j] = a[j] * (static_cast<double>(g_a[first + j]) - dot);
+          store_values(p.grad_logits, first, LP, p.problem->weight_dtype, out);
+        }
+        if (!g_loc) continue;
+        if (R == 4) load_doubles(p.locations, 2 * first, 2 * LP, p.problem->location_dtype, offsets);
+        for (std::int64_t l = 0, s = 0; l < L; ++l) {
+          double* gr = grad_ref + l * R;
+          const double* b = box + l * R;
+          for (std::int64_t pt = 0; pt < P; ++pt, ++s) {
+            const double gx = g_loc[2 * (first + s)], gy = g_loc[2 * (first + s) + 1];
+            gr[0] += gx;
+            gr[1] += gy;
+            if (R == 2) {
+              out[2 * s] = gx / p.width_f[l];
+              out[2 * s + 1] = gy / p.height_f[l];
+            } else {
+              out[2 * s] = gx == 0 ? 0.0 : gx * (b[2] * 0.5 / points);
+              out[2 * s + 1] = gy == 0 ? 0.0 : gy * (b[3] * 0.5 / points);
+              if (gx != 0) gr[2] += gx * (offsets[2 * s] / points * 0.5);
+              if (gy != 0) gr[3] += gy * (offsets[2 * s + 1] / points * 0.5);
+            }
+          }
+        }
+        if (p.grad_offsets) store_values(p.grad_offsets, 2 * first, 2 * LP, p.problem->location_dtype, out);
+      }
+      if (p.grad_reference_points) store_values(p.grad_reference_points, nq * L * R, L * R, p.reference_dtype, grad_ref);
     }
   }
 }
@@ -636,3 +760,9 @@ struct Backward {
 
 void forward(const Params& p, const Scratch& s) { run<Forward>(p, s); }
 void backward(const Params& p, const Scratch& s) { run<Backward>(p, s); }
+void fused_epilogue(const Params& p, const Scratch& s) {
+  if (p.problem->value_dtype == DType::f64)
+    fused_epilogue_kernel<double>(p, s);
+  else
+    fused_epilogue_kernel<float>(p, s);
+}

@@ -115,6 +115,35 @@ MSDA_INLINE Vec<double> floor_lanes(Vec<double> x) {
 #endif
 }
 
+// e^x of every lane, for x <= 0, -inf or NaN (the max-subtracted logits of a softmax): within
+// 2 ulp of exp(), pure arithmetic, so the same bits on every call (no libm, whose results may
+// change with the library version). Results below 2^-1022 (x < -708) become 0: a softmax weight
+// that small is 0 against the row's largest, which is 1. NaN stays NaN.
+MSDA_INLINE Vec<double> exp_lanes(Vec<double> x) {
+  using VD = Vec<double>;
+  using VI = Vec<std::int64_t>;
+  const VD zero{};
+  // x = k ln2 + r, |r| <= ln2 / 2, with ln2 split in two so that k ln2 is exact to 2^-60.
+  const VD clamped = x < -746.0 ? zero - 746.0 : x;  // -inf too; NaN fails the compare and stays
+  const VD k = floor_lanes(clamped * 1.4426950408889634 + 0.5);
+  const VD r = (clamped - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10;
+  // Taylor series of e^r to r^13 (13! > 6e9: the last term is below 2^-53 for |r| <= 0.35).
+  VD poly = zero + 1.0 / 6227020800.0;
+  const double inverse_factorials[] = {1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0, 1.0 / 362880.0,
+                                       1.0 / 40320.0,     1.0 / 5040.0,     1.0 / 720.0,     1.0 / 120.0,
+                                       1.0 / 24.0,        1.0 / 6.0,        0.5,             1.0,
+                                       1.0};
+  for (double c : inverse_factorials) poly = poly * r + c;
+  // 2^k through the exponent bits: -1022 <= k <= 0 here keeps them a normal number (the select
+  // also keeps a NaN k from an integer conversion).
+  const auto normal = k >= -1022.0;
+  const VI bits = (__builtin_convertvector(normal ? k : zero, VI) + 1023) << 52;
+  VD scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  const VD result = normal ? poly * scale : zero;
+  return x == x ? result : x;
+}
+
 template <class C>
 MSDA_INLINE Vec<C> broadcast(C x) {
   return Vec<C>{} + x;

@@ -1,6 +1,7 @@
 #include "reference/reference.h"
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "dtype_switch.h"
@@ -120,7 +121,169 @@ struct Kernels {
   }
 };
 
+// ---- the fused op: locations and softmax materialised in double, then the kernels above ----
+
+double load_any(DType dtype, const void* base, std::int64_t i) {
+  switch (dtype) {
+    case DType::f32: return static_cast<const float*>(base)[i];
+    case DType::f64: return static_cast<const double*>(base)[i];
+    case DType::bf16: return bf16_to_float(static_cast<const bf16*>(base)[i]);
+    case DType::f16: return f16_to_float(static_cast<const f16*>(base)[i]);
+  }
+  return 0;
+}
+
+void store_any(DType dtype, void* base, std::int64_t i, double x) {
+  switch (dtype) {
+    case DType::f32: static_cast<float*>(base)[i] = static_cast<float>(x); return;
+    case DType::f64: static_cast<double*>(base)[i] = x; return;
+    case DType::bf16: static_cast<bf16*>(base)[i] = float_to_bf16(static_cast<float>(x)); return;
+    case DType::f16: static_cast<f16*>(base)[i] = float_to_f16(static_cast<float>(x)); return;
+  }
+}
+
+// Softmax of the L*P logits of row (n, q, m) into a[0, L*P), in double, max-subtracted. A NaN
+// logit, or a row of -inf, gives a row of NaN (as torch.softmax does).
+void softmax_row(const Params& p, std::int64_t row, double* a) {
+  const std::int64_t LP = p.L * p.P;
+  double max = -std::numeric_limits<double>::infinity();
+  for (std::int64_t j = 0; j < LP; ++j) {
+    a[j] = load_any(p.problem->weight_dtype, p.weights, row * LP + j);
+    if (a[j] > max) max = a[j];
+  }
+  double total = 0;
+  for (std::int64_t j = 0; j < LP; ++j) total += a[j] = std::exp(a[j] - max);
+  for (std::int64_t j = 0; j < LP; ++j) a[j] /= total;
+}
+
+// SPEC "The fused op": every sample's location and weight in double.
+struct Materialised {
+  std::vector<double> locations, weights;
+};
+
+Materialised materialise(const Params& p) {
+  const std::int64_t samples = p.N * p.Q * p.M * p.L * p.P, C = p.reference_coords;
+  Materialised out{std::vector<double>(static_cast<std::size_t>(2 * samples)),
+                   std::vector<double>(static_cast<std::size_t>(samples))};
+  for (std::int64_t n = 0; n < p.N; ++n)
+    for (std::int64_t q = 0; q < p.Q; ++q)
+      for (std::int64_t m = 0; m < p.M; ++m) {
+        softmax_row(p, (n * p.Q + q) * p.M + m, out.weights.data() + p.sample_index(n, q, m, 0, 0));
+        for (std::int64_t l = 0; l < p.L; ++l) {
+          double ref[4];
+          for (std::int64_t c = 0; c < C; ++c)
+            ref[c] = load_any(p.reference_dtype, p.reference_points, p.reference_offset(n, q) + l * C + c);
+          for (std::int64_t pt = 0; pt < p.P; ++pt) {
+            const std::int64_t i = p.sample_index(n, q, m, l, pt);
+            const double ox = load_any(p.problem->location_dtype, p.locations, 2 * i);
+            const double oy = load_any(p.problem->location_dtype, p.locations, 2 * i + 1);
+            double& x = out.locations[2 * i];
+            double& y = out.locations[2 * i + 1];
+            if (C == 2) {
+              x = ref[0] + ox / p.width_f[l];
+              y = ref[1] + oy / p.height_f[l];
+            } else {
+              x = ref[0] + ox / static_cast<double>(p.P) * ref[2] * 0.5;
+              y = ref[1] + oy / static_cast<double>(p.P) * ref[3] * 0.5;
+            }
+          }
+        }
+      }
+  return out;
+}
+
+// The plain op's Params over the materialised f64 locations and weights.
+struct Plain {
+  Problem problem;
+  Params params;
+  Plain(const Params& fused, const Materialised& m) : problem(*fused.problem), params(fused) {
+    problem.location_dtype = problem.weight_dtype = DType::f64;
+    params.problem = &problem;
+    params.fused = false;
+    params.locations = m.locations.data();
+    params.weights = m.weights.data();
+  }
+};
+
+template <class F>
+void with_value_type(const Params& p, F&& f) {
+  switch (p.problem->value_dtype) {
+    case DType::f32: return f.template operator()<float>();
+    case DType::f64: return f.template operator()<double>();
+    case DType::bf16: return f.template operator()<bf16>();
+    case DType::f16: return f.template operator()<f16>();
+  }
+}
+
 }  // namespace
+
+void forward_fused(const Params& params) {
+  const Materialised m = materialise(params);
+  const Plain plain(params, m);
+  with_value_type(params, [&]<class V>() { Kernels<V, double, double>{plain.params}.forward(); });
+}
+
+// The chain rule through the location arithmetic and the softmax, in double, over the plain
+// backward's gradients of the materialised locations (g_loc) and weights (g_a). A sample whose
+// location gradient is zero (one zeroed by the range rule) adds nothing: its offset or box size
+// may be infinite.
+void backward_fused(const Params& params) {
+  const Params& p = params;
+  const Materialised mat = materialise(p);
+  Plain plain(p, mat);
+  const std::int64_t samples = p.N * p.Q * p.M * p.L * p.P, LP = p.L * p.P, C = p.reference_coords;
+  std::vector<double> g_loc(static_cast<std::size_t>(2 * samples)), g_a(static_cast<std::size_t>(samples));
+  plain.params.grad_locations = g_loc.data();
+  plain.params.grad_weights = g_a.data();
+  with_value_type(p, [&]<class V>() { Kernels<V, double, double>{plain.params}.backward(); });
+
+  const double P = static_cast<double>(p.P);
+  auto times = [](double g, double x) { return g == 0 ? 0.0 : g * x; };
+  for (std::int64_t n = 0; n < p.N; ++n)
+    for (std::int64_t q = 0; q < p.Q; ++q) {
+      std::vector<double> grad_ref(static_cast<std::size_t>(p.L * C), 0.0);  // summed over m, then p
+      for (std::int64_t m = 0; m < p.M; ++m) {
+        const std::int64_t first = p.sample_index(n, q, m, 0, 0);
+        if (p.grad_logits) {
+          double dot = 0;
+          for (std::int64_t j = 0; j < LP; ++j) dot += mat.weights[first + j] * g_a[first + j];
+          for (std::int64_t j = 0; j < LP; ++j)
+            store_any(p.problem->weight_dtype, p.grad_logits, first + j,
+                      mat.weights[first + j] * (g_a[first + j] - dot));
+        }
+        for (std::int64_t l = 0; l < p.L; ++l) {
+          double box[4] = {0, 0, 0, 0};
+          for (std::int64_t c = 0; c < C; ++c)
+            box[c] = load_any(p.reference_dtype, p.reference_points, p.reference_offset(n, q) + l * C + c);
+          for (std::int64_t pt = 0; pt < p.P; ++pt) {
+            const std::int64_t i = p.sample_index(n, q, m, l, pt);
+            const double gx = g_loc[2 * i], gy = g_loc[2 * i + 1];
+            double* gr = grad_ref.data() + l * C;
+            gr[0] += gx;
+            gr[1] += gy;
+            if (C == 2) {
+              if (p.grad_offsets) {
+                store_any(p.problem->location_dtype, p.grad_offsets, 2 * i, gx / p.width_f[l]);
+                store_any(p.problem->location_dtype, p.grad_offsets, 2 * i + 1, gy / p.height_f[l]);
+              }
+            } else {
+              const double ox = load_any(p.problem->location_dtype, p.locations, 2 * i);
+              const double oy = load_any(p.problem->location_dtype, p.locations, 2 * i + 1);
+              gr[2] += times(gx, ox / P * 0.5);
+              gr[3] += times(gy, oy / P * 0.5);
+              if (p.grad_offsets) {
+                store_any(p.problem->location_dtype, p.grad_offsets, 2 * i, times(gx, box[2] * 0.5 / P));
+                store_any(p.problem->location_dtype, p.grad_offsets, 2 * i + 1, times(gy, box[3] * 0.5 / P));
+              }
+            }
+          }
+        }
+      }
+      if (p.grad_reference_points)
+        for (std::int64_t k = 0; k < p.L * C; ++k)
+          store_any(p.reference_dtype, p.grad_reference_points, p.reference_offset(n, q) + k, grad_ref[k]);
+    }
+}
 
 void forward(const Params& params) {
   visit_dtypes(*params.problem, [&]<class V, class Loc, class W>() { Kernels<V, Loc, W>{params}.forward(); });

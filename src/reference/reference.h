@@ -9,4 +9,9 @@ namespace msda::reference {
 void forward(const Params& params);
 void backward(const Params& params);
 
+// The fused op (SPEC "The fused op"): the locations and softmax weights are materialised in double,
+// the kernels above run on them, and the backward applies the chain rule in double.
+void forward_fused(const Params& params);
+void backward_fused(const Params& params);
+
 }  // namespace msda::reference
