@@ -722,7 +722,7 @@ def write_plot(results, medians, args):
 
 def parse_args(argv=None):
     intro = __doc__[:__doc__.index("\nThe model is")]
-    examples = __doc__[__doc__.index("Examples:"):__doc__.index("(with msda importable")]
+    examples = __doc__[__doc__.index("Examples"):__doc__.index("(or, straight from a build")]
     parser = argparse.ArgumentParser(description=intro + "\nThe module docstring tells the rest: model, "
                                      "measurements, distributed training.", epilog=examples,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
