@@ -38,10 +38,13 @@ struct Params {
   std::int64_t reference_coords = 2;
   DType reference_dtype = DType::f32;
   // fused backward: the caller's gradients of the three inputs that replace locations and
-  // weights (null: not wanted); grad_locations and grad_weights then point at internal scratch.
+  // weights (null: not wanted), and per-(n, m, q) partial sums of grad_reference_points,
+  // [N, M, Q, L, reference_coords] doubles, that the cpu backend's kernel writes and its epilogue
+  // sums over m.
   void* grad_reference_points = nullptr;
   void* grad_offsets = nullptr;
   void* grad_logits = nullptr;
+  double* reference_partials = nullptr;
   int threads = 1;  // resolved: >= 1
   Backend backend = Backend::cpu;  // resolved: never automatic
   Isa isa = Isa::best;
@@ -61,6 +64,14 @@ struct Params {
   // sampling_locations and at sample_index in attention_weights.
   std::int64_t sample_index(std::int64_t n, std::int64_t q, std::int64_t m, std::int64_t l, std::int64_t p) const {
     return (((n * Q + q) * M + m) * L + l) * P + p;
+  }
+  // Whether the backward computes any per-sample gradient (the dot products of a sample).
+  bool wants_sample_gradients() const {
+    return grad_locations || grad_weights || grad_reference_points || grad_offsets || grad_logits;
+  }
+  void drop_sample_gradients() {
+    grad_locations = grad_weights = grad_reference_points = grad_offsets = grad_logits = nullptr;
+    reference_partials = nullptr;
   }
   // First element of reference_points[n, q, 0, :] (fused op).
   std::int64_t reference_offset(std::int64_t n, std::int64_t q) const { return (n * Q + q) * L * reference_coords; }

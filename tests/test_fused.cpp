@@ -98,6 +98,10 @@ enum class Draw {
   local,      // offsets of a few pixels (2 coords) or within the box (4): mostly in range
   wide,       // offsets up to most of the map: many samples partly or wholly outside
   nonfinite,  // local, with NaN / +-inf / huge offsets, -inf logits, and (4 coords) infinite box sizes
+  boundaries, // 2 coords: reference points at pixel centres of each level and whole-pixel offsets, so
+              // x*W - 0.5 is an integer up to rounding: the cpu backend must compute the locations'
+              // bits exactly as the reference does (the corners, and the one-sided location gradient,
+              // follow from them)
 };
 
 const char* name(Draw d) {
@@ -105,6 +109,7 @@ const char* name(Draw d) {
     case Draw::local: return "local";
     case Draw::wide: return "wide";
     case Draw::nonfinite: return "nonfinite";
+    case Draw::boundaries: return "boundaries";
   }
   return "?";
 }
@@ -152,13 +157,25 @@ FusedCase make_fused_case(const FusedShape& shape, const FusedDTypes& d, Draw dr
     }
   }
 
+  if (draw == Draw::boundaries) {  // every level's reference point at a pixel centre of that level
+    for (std::int64_t i = 0; i < c.tensors.reference.size(); i += R) {
+      const Level& level = p.levels[i / R % L];
+      c.tensors.reference.set(i, (std::uniform_int_distribution<std::int64_t>(0, level.width - 1)(rng) + 0.5) /
+                                     static_cast<double>(level.width));
+      c.tensors.reference.set(i + 1, (std::uniform_int_distribution<std::int64_t>(0, level.height - 1)(rng) + 0.5) /
+                                         static_cast<double>(level.height));
+    }
+  }
+
   c.tensors.offsets = Buffer(d.offset, location_size(p));
   for (std::int64_t i = 0; i < c.tensors.offsets.size(); i += 2) {
     const std::int64_t l = i / 2 / P % L;
     for (std::int64_t k = 0; k < 2; ++k) {
       const double size = static_cast<double>(k == 0 ? p.levels[l].width : p.levels[l].height);
       double o;
-      if (R == 2)  // pixels of the level
+      if (draw == Draw::boundaries)
+        o = static_cast<double>(std::uniform_int_distribution<int>(-3, 3)(rng));
+      else if (R == 2)  // pixels of the level
         o = draw == Draw::wide ? 0.8 * size * sym(rng) : 4.0 * sym(rng);
       else  // fractions of half the box, spread over the points: loc = c + o / P * w / 2
         o = (draw == Draw::wide ? 4.0 : 1.2) * static_cast<double>(P) * sym(rng);
@@ -281,6 +298,7 @@ const std::vector<FusedScenario>& fused_scenarios() {
       {"odd_D_2", fused_shape(1, 3, 17, 25, 3, {{7, 9}, {3, 5}, {1, 3}}, 2), Draw::wide},
       {"nonfinite_2", fused_shape(2, 2, 8, 40, 4, {{6, 7}, {3, 3}}, 2), Draw::nonfinite},
       {"nonfinite_4", fused_shape(2, 2, 32, 40, 4, {{6, 7}, {3, 3}}, 4), Draw::nonfinite},
+      {"pixel_boundaries_2", fused_shape(2, 2, 8, 40, 3, {{7, 9}, {5, 3}, {3, 1}}, 2), Draw::boundaries},
   };
   return all;
 }

@@ -249,24 +249,6 @@ class Workspace {
   std::size_t bytes_ = 0;
 };
 
-// Per-thread memory of fused_epilogue (kernels.inl): one row's softmax, results and offsets
-// (5 group capacities of doubles), and a query's reference points and their gradient.
-struct EpilogueScratch {
-  std::unique_ptr<std::byte[]> storage;
-  Scratch scratch;
-
-  explicit EpilogueScratch(const Params& p) {
-    if (p.L * p.P > (std::int64_t(1) << 40)) throw std::bad_alloc();
-    const auto LP = static_cast<std::size_t>(p.L * p.P);
-    scratch.group_capacity = static_cast<std::int64_t>((LP + 7) / 8 * 8);
-    const std::size_t doubles = 5 * static_cast<std::size_t>(scratch.group_capacity) + 8 * static_cast<std::size_t>(p.L);
-    scratch.stride = (doubles * 8 + 63) / 64 * 64;
-    storage.reset(new std::byte[scratch.stride * static_cast<std::size_t>(p.threads) + 64]);
-    const auto address = reinterpret_cast<std::uintptr_t>(storage.get());
-    scratch.base = storage.get() + (64 - address % 64) % 64;
-  }
-};
-
 }  // namespace
 
 void forward(const Params& params) {
@@ -286,7 +268,7 @@ void forward(const Params& params) {
 // pass, so the bits do not change.
 void backward(const Params& params) {
   const Target target = target_for(params.isa);
-  const bool wants_dots = params.grad_locations || params.grad_weights;
+  const bool wants_dots = params.wants_sample_gradients();
   if (!params.grad_value) {  // the dot products alone: no rows owned, any query split works
     BackwardPlan plan;
     plan.levels_per_part = params.L;
@@ -299,37 +281,35 @@ void backward(const Params& params) {
   const BackwardPlan scatter_plan = plan_scatter(params);
   const std::int64_t parts = params.N * params.M * (params.L / scatter_plan.levels_per_part) * scatter_plan.bands;
   Params scatter = params;
-  if (wants_dots && (params.threads > parts || scatter_plan.bands > 1)) {
+  // The fused op's chain rule needs whole rows (all levels of a query and head) in one part.
+  const bool whole_rows = !params.fused || scatter_plan.levels_per_part == params.L;
+  if (wants_dots && (params.threads > parts || scatter_plan.bands > 1 || !whole_rows)) {
     Params dots = params;
     dots.grad_value = nullptr;
     backward(dots);
-    scatter.grad_locations = scatter.grad_weights = nullptr;
+    scatter.drop_sample_gradients();
   }
   ScratchBuffer buffer(scatter, &scatter_plan);
   target.backward(scatter, buffer.scratch);
 }
 
-// The kernel's per-sample gradients (g_loc, g_a) go to scratch in the compute type instead of the
-// caller's tensors; fused_epilogue turns them into the offset, logit and reference-point
-// gradients. grad_value is the plain backward's, from the same kernel and the same plan.
+// The kernel applies the chain rule through the softmax and the location arithmetic to each row
+// while its per-sample gradients are at hand (kernels.inl, fused_chain), and writes the offset and
+// logit gradients itself; the reference points, shared by the M heads of a query, get per-head
+// partial sums that fused_epilogue adds up over the heads, in order. grad_value is the plain
+// backward's, from the same kernel and plan.
 void backward_fused(const Params& params) {
   const Target target = target_for(params.isa);
-  const bool want_locations = params.grad_reference_points || params.grad_offsets;
-  const bool want_weights = params.grad_logits != nullptr;
   Params kernel = params;
-  const DType compute = params.problem->value_dtype == DType::f64 ? DType::f64 : DType::f32;
-  kernel.grad_location_dtype = kernel.grad_weight_dtype = compute;
-  // 3 values of the compute type per sample at most; a count that cannot exist is a bad_alloc.
-  std::size_t bytes;
-  const auto samples = static_cast<std::size_t>(params.N * params.Q * params.M * params.L * params.P);
-  if (__builtin_mul_overflow(samples, 3 * size_of(compute), &bytes)) throw std::bad_alloc();
-  Workspace workspace(want_locations || want_weights ? bytes : 0);
-  kernel.grad_locations = want_locations ? workspace.data() : nullptr;
-  kernel.grad_weights = want_weights ? workspace.data() + 2 * samples * size_of(compute) : nullptr;
+  std::size_t bytes = 0;
+  if (params.grad_reference_points &&
+      __builtin_mul_overflow(static_cast<std::size_t>(params.N * params.M * params.Q * params.L),
+                             static_cast<std::size_t>(params.reference_coords) * sizeof(double), &bytes))
+    throw std::bad_alloc();
+  Workspace workspace(bytes);
+  kernel.reference_partials = reinterpret_cast<double*>(workspace.data());
   backward(kernel);
-  if (!want_locations && !want_weights) return;
-  EpilogueScratch scratch(kernel);
-  target.fused_epilogue(kernel, scratch.scratch);
+  if (params.grad_reference_points) target.fused_epilogue(kernel, Scratch{});
 }
 
 }  // namespace msda::cpu

@@ -16,8 +16,9 @@ void forward(const Params& params);
 // add into the same element and the sums run in the same order whatever the thread count.
 void backward(const Params& params);
 
-// The fused op's backward: backward() in fused mode into per-sample scratch, then the chain rule
-// through the location arithmetic and the softmax (fused_epilogue in kernels.inl).
+// The fused op's backward: backward() in fused mode, whose kernel applies the chain rule through
+// the softmax and the location arithmetic row by row, then the sum over heads of the
+// reference-point gradients (fused_epilogue in kernels.inl).
 void backward_fused(const Params& params);
 
 // Per-thread working memory, allocated by the dispatcher before any parallel region (so that a
@@ -39,9 +40,9 @@ struct Scratch {
   std::byte* for_thread(int thread) const { return base + static_cast<std::size_t>(thread) * stride; }
 };
 
-// Upper bound of the geometry arrays per sample (kernels.inl, Group): 5 doubles, 6 int64 and
-// 6 values of the compute type.
-inline constexpr std::size_t kGroupBytesPerSample = 5 * 8 + 6 * 8 + 6 * 8;
+// Upper bound of the geometry arrays per sample (kernels.inl, Group): 21 doubles (16 of them for
+// the fused op: 8 are softmax rows computed ahead), 7 int64 and 6 values of the compute type.
+inline constexpr std::size_t kGroupBytesPerSample = 21 * 8 + 7 * 8 + 6 * 8;
 
 // The kernels of each instruction set (src/cpu/targets/*.cpp).
 #define MSDA_DECLARE_TARGET(target)                              \

@@ -177,21 +177,24 @@ MSDA_INLINE void softmax_row(const Params& p, std::int64_t row, std::int64_t LP,
   const double inf = __builtin_inf();
   load_doubles(p.weights, row * LP, LP, p.problem->weight_dtype, a);
   for (std::int64_t s = LP; s < padded; ++s) a[s] = -inf;
-  VD high = VD{} - inf;
-  for (std::int64_t s = 0; s < padded; s += kStep) {
+  VD high = load_compute(a);
+  for (std::int64_t s = kStep; s < padded; s += kStep) {
     const VD v = load_compute(a + s);
     high = v > high ? v : high;  // a NaN never wins: it makes the row NaN through the sum instead
   }
-  double max = -inf;
-  for (int i = 0; i < kStep; ++i) max = high[i] > max ? high[i] : max;
+  double lanes[kStep];
+  __builtin_memcpy(lanes, &high, sizeof(high));
+  for (int width = kStep / 2; width > 0; width /= 2)
+    for (int i = 0; i < width; ++i) lanes[i] = lanes[i + width] > lanes[i] ? lanes[i + width] : lanes[i];
+  const double max = lanes[0];
   VD sum{};
   for (std::int64_t s = 0; s < padded; s += kStep) {
     const VD e = exp_lanes(load_compute(a + s) - max);
     store_compute(a + s, e);
     sum += e;
   }
-  const double total = reduce_add<double>(sum);
-  for (std::int64_t s = 0; s < padded; s += kStep) store_compute(a + s, load_compute(a + s) / total);
+  const double inverse = 1.0 / reduce_add<double>(sum);
+  for (std::int64_t s = 0; s < padded; s += kStep) store_compute(a + s, load_compute(a + s) * inverse);
   for (std::int64_t s = LP; s < padded; ++s) a[s] = 0;
 }
 
@@ -216,7 +219,32 @@ struct Group {
   C* bilinear;            // out [4][capacity]: hh*hw, hh*lw, lh*hw, lh*lw (0 off the map)
   C* lh;                  // out: fractional offsets (0 for a zeroed sample)
   C* lw;
-  static_assert(5 * sizeof(double) + 6 * sizeof(std::int64_t) + 6 * sizeof(C) <= kGroupBytesPerSample);
+  // The fused op (load): location = origin + offset / divisor * factor * half per coordinate,
+  // SPEC's formulas in the reference backend's order, so the same bits (the same corners at any
+  // pixel boundary): 2 coordinates: ref + off / (W, H) (divisor W or H, factor 1, half 1); 4:
+  // ref[:2] + off / P * ref[2:] * 0.5 (divisor P, factor w or h, half 0.5). The origins and
+  // factors of the L levels come from the reference points of query `prepared` (n * Q + q); the
+  // offsets are kept as loaded for the backward's chain rule.
+  std::int64_t* level_of;  // in: each sample's level, -1 for padding lanes
+  double* level_origin_x;  // [L]
+  double* level_origin_y;
+  double* level_factor_x;
+  double* level_factor_y;
+  double* offset_x;
+  double* offset_y;
+  double half = 1;
+  std::int64_t prepared = -1;
+  // The fused op's softmax rows, computed kRows at a time (their dependency chains are
+  // independent, so the CPU overlaps them: one row alone is a chain of max, exp, sum and
+  // division); rows_first + k * rows_stride for k < rows_count, each `capacity` doubles.
+  // row_stride is set by the kernel: the distance between the rows it reads in turn.
+  static constexpr std::int64_t kRows = 8;
+  double* rows;
+  std::int64_t rows_first = -1, rows_stride = 1, rows_count = 0, row_stride = 1;
+  const double* softmax = nullptr;  // the current row's weights before the range rule zeroes any
+  double* chain;  // [2 capacity]: the fused backward's gradients of one row before their conversion
+  static_assert(13 * sizeof(double) + kRows * sizeof(double) + 7 * sizeof(std::int64_t) + 6 * sizeof(C) <=
+                kGroupBytesPerSample);
 
   MSDA_INLINE Group(std::byte* memory, std::int64_t cap) : capacity(cap) {
     x = reinterpret_cast<double*>(memory);
@@ -230,64 +258,112 @@ struct Group {
     bilinear = reinterpret_cast<C*>(level_offset + cap);
     lh = bilinear + 4 * cap;
     lw = lh + cap;
+    level_of = reinterpret_cast<std::int64_t*>(lw + cap);
+    level_origin_x = reinterpret_cast<double*>(level_of + cap);
+    level_origin_y = level_origin_x + cap;
+    level_factor_x = level_origin_y + cap;
+    level_factor_y = level_factor_x + cap;
+    offset_x = level_factor_y + cap;
+    offset_y = offset_x + cap;
+    rows = offset_y + cap;
+    chain = rows + kRows * cap;
     // Padding lanes (past the samples of a group) hold a harmless finite sample.
     for (std::int64_t s = 0; s < cap; ++s) {
       x[s] = y[s] = a[s] = 0;
       height[s] = width[s] = 1;
       level_offset[s] = 0;
+      level_of[s] = -1;
+      offset_x[s] = offset_y[s] = 0;
     }
   }
 
   // Reads `count` samples' (x, y) pairs and weights of any allowed dtype, from sample `first`.
+  // The fused op reads offsets and logits there, and makes locations and softmax weights of them.
   MSDA_INLINE void load(const Params& p, std::int64_t first, std::int64_t count, std::int64_t at) {
-    const DType loc_dtype = p.problem->location_dtype;
-    switch (loc_dtype) {  // outside the loops: each loop is a plain conversion
-      case DType::f32: deinterleave(static_cast<const float*>(p.locations) + 2 * first, count, at); break;
-      case DType::f64: deinterleave(static_cast<const double*>(p.locations) + 2 * first, count, at); break;
-      case DType::bf16: deinterleave(static_cast<const bf16*>(p.locations) + 2 * first, count, at); break;
-      case DType::f16: deinterleave(static_cast<const f16*>(p.locations) + 2 * first, count, at); break;
+    double* dx = p.fused ? offset_x : x;
+    double* dy = p.fused ? offset_y : y;
+    switch (p.problem->location_dtype) {  // outside the loops: each loop is a plain conversion
+      case DType::f32: deinterleave(static_cast<const float*>(p.locations) + 2 * first, count, dx + at, dy + at); break;
+      case DType::f64: deinterleave(static_cast<const double*>(p.locations) + 2 * first, count, dx + at, dy + at); break;
+      case DType::bf16: deinterleave(static_cast<const bf16*>(p.locations) + 2 * first, count, dx + at, dy + at); break;
+      case DType::f16: deinterleave(static_cast<const f16*>(p.locations) + 2 * first, count, dx + at, dy + at); break;
     }
     if (!p.fused) {
       load_doubles(p.weights, first, count, p.problem->weight_dtype, a + at);
       return;
     }
-    // The fused op: p.weights holds logits and x, y hold offsets now. The softmax needs the whole
-    // row (all levels), even when only some levels' samples were asked for.
+    // The softmax needs the whole row (all levels), even when only some levels' samples are read.
     const std::int64_t LP = p.L * p.P, row = first / LP;
-    softmax_row(p, row, LP, a);
-    place(p, row / p.M, at, at + count);
-  }
-
-  // The fused op: turns the offsets in x, y of samples [begin, end) of a row of query nq
-  // (= n * Q + q) into locations, in double, with SPEC's formulas written as the reference
-  // backend writes them (the same bits: the same corners at any boundary).
-  MSDA_INLINE void place(const Params& p, std::int64_t nq, std::int64_t begin, std::int64_t end) {
-    const std::int64_t R = p.reference_coords, P = p.P;
-    double ref[4];
-    for (std::int64_t l = begin / P; l * P < end; ++l) {
-      load_doubles(p.reference_points, (nq * p.L + l) * R, R, p.reference_dtype, ref);
-      const std::int64_t s_begin = begin > l * P ? begin : l * P, s_end = end < (l + 1) * P ? end : (l + 1) * P;
-      if (R == 2) {
-        const double W = p.width_f[l], H = p.height_f[l];
-        for (std::int64_t s = s_begin; s < s_end; ++s) {
-          x[s] = ref[0] + x[s] / W;
-          y[s] = ref[1] + y[s] / H;
-        }
-      } else {
-        const double points = static_cast<double>(P);
-        for (std::int64_t s = s_begin; s < s_end; ++s) {
-          x[s] = ref[0] + x[s] / points * ref[2] * 0.5;
-          y[s] = ref[1] + y[s] / points * ref[3] * 0.5;
+    softmax = softmax_for(p, row, LP);
+    prepare(p, row / p.M);
+    for (std::int64_t s = 0; s < LP; s += kStep) store_compute(a + s, load_compute(softmax + s));
+    // Whole vectors, whose lanes may span levels: each level's origin and factor are blended into
+    // the lanes of its samples (built in registers: lanes stored one by one and read back as a
+    // vector would stall on store forwarding). Lanes outside [at, at + count) belong to samples
+    // this call does not use, or are padding (level -1: origin 0, factor 1, offset 0). A contracted
+    // multiply-add rounds as the reference's two operations do: the product that meets the
+    // addition is one by 1 or by 0.5.
+    using VD = Vec<double>;
+    using VI = Vec<std::int64_t>;
+    const std::int64_t P = p.P, R = p.reference_coords;
+    const VD points = VD{} + static_cast<double>(P), one = VD{} + 1.0;
+    for (std::int64_t s = at - at % kStep; s < at + count; s += kStep) {
+      VI level;
+      __builtin_memcpy(&level, level_of + s, sizeof(level));
+      VD origin_x{}, origin_y{}, factor_x = one, factor_y = one;
+      const std::int64_t l_end = (s + kStep - 1) / P + 1 < p.L ? (s + kStep - 1) / P + 1 : p.L;
+      for (std::int64_t l = s / P; l < l_end; ++l) {
+        const VI on = level == l;
+        origin_x = on ? VD{} + level_origin_x[l] : origin_x;
+        origin_y = on ? VD{} + level_origin_y[l] : origin_y;
+        if (R == 4) {
+          factor_x = on ? VD{} + level_factor_x[l] : factor_x;
+          factor_y = on ? VD{} + level_factor_y[l] : factor_y;
         }
       }
+      const VD divisor_x = R == 2 ? load_compute(width + s) : points;
+      const VD divisor_y = R == 2 ? load_compute(height + s) : points;
+      store_compute(x + s, origin_x + load_compute(offset_x + s) / divisor_x * factor_x * half);
+      store_compute(y + s, origin_y + load_compute(offset_y + s) / divisor_y * factor_y * half);
+    }
+  }
+
+  // The softmax weights of `row`, from the rows computed ahead, computing the next kRows (every
+  // row_stride-th from `row` on, within the tensor) when it is not among them.
+  MSDA_INLINE const double* softmax_for(const Params& p, std::int64_t row, std::int64_t LP) {
+    const std::int64_t k = (row - rows_first) / rows_stride;
+    if (rows_first >= 0 && row >= rows_first && (row - rows_first) % rows_stride == 0 && k < rows_count)
+      return rows + k * capacity;
+    const std::int64_t last = p.N * p.Q * p.M - 1;
+    rows_first = row;
+    rows_stride = row_stride;
+    rows_count = (last - row) / row_stride + 1 < kRows ? (last - row) / row_stride + 1 : kRows;
+    for (std::int64_t i = 0; i < rows_count; ++i) softmax_row(p, row + i * row_stride, LP, rows + i * capacity);
+    return rows;
+  }
+
+  // The fused op's origin and factor of every level for query nq (= n * Q + q), read once for all
+  // the heads of a query.
+  MSDA_INLINE void prepare(const Params& p, std::int64_t nq) {
+    if (nq == prepared) return;
+    prepared = nq;
+    const std::int64_t R = p.reference_coords;
+    half = R == 2 ? 1.0 : 0.5;
+    double ref[4] = {0, 0, 1, 1};
+    for (std::int64_t l = 0; l < p.L; ++l) {
+      load_doubles(p.reference_points, (nq * p.L + l) * R, R, p.reference_dtype, ref);
+      level_origin_x[l] = ref[0];
+      level_origin_y[l] = ref[1];
+      level_factor_x[l] = ref[2];
+      level_factor_y[l] = ref[3];
     }
   }
 
   template <class T>
-  MSDA_INLINE void deinterleave(const T* src, std::int64_t count, std::int64_t at) {
+  MSDA_INLINE static void deinterleave(const T* src, std::int64_t count, double* dx, double* dy) {
     for (std::int64_t i = 0; i < count; ++i) {
-      x[at + i] = Storage<T>::load(src[2 * i]);
-      y[at + i] = Storage<T>::load(src[2 * i + 1]);
+      dx[i] = Storage<T>::load(src[2 * i]);
+      dy[i] = Storage<T>::load(src[2 * i + 1]);
     }
   }
 
@@ -313,7 +389,10 @@ struct Group {
     Lanes g;
     const VD H = load_compute(height + s);
     g.W = load_compute(width + s);
-    const VD u = load_compute(x + s) * g.W - 0.5, v = load_compute(y + s) * H - 0.5;
+    // The fused op's locations are full doubles, whose product with W is not exact: rounded
+    // before the subtraction, as the reference does, or an FMA would pick other corners at pixel
+    // boundaries.
+    const VD u = rounded(load_compute(x + s) * g.W) - 0.5, v = rounded(load_compute(y + s) * H) - 0.5;
     g.in = (v > -1.0) & (u > -1.0) & (v < H) & (u < g.W);
     // Selects: a zeroed sample's NaN or huge coordinate never reaches an integer conversion.
     g.fh = g.in ? floor_lanes(v) : zero;
@@ -466,6 +545,7 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
     Channels<V, kD> acc[4] = {{D, reinterpret_cast<C*>(mine)}, {D, reinterpret_cast<C*>(mine)},
                               {D, reinterpret_cast<C*>(mine)}, {D, reinterpret_cast<C*>(mine)}};
     Group<C> group(mine + scratch.channels_bytes, scratch.group_capacity);
+    group.row_stride = block > 1 ? p.M : 1;  // heads of one query in turn, or one head's queries
     const V** level_base = reinterpret_cast<const V**>(mine + scratch.channels_bytes + scratch.group_bytes);
     // A row of zeros: where the taps of off-map corners point (with weight 0).
     V* zero_row = reinterpret_cast<V*>(mine + scratch.channels_bytes + scratch.group_bytes + scratch.grads_bytes);
@@ -474,6 +554,7 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
       group.height[s] = p.height_f[s / p.P];
       group.width[s] = p.width_f[s / p.P];
       group.level_offset[s] = p.level_start[s / p.P] * row_stride * static_cast<std::int64_t>(sizeof(V));
+      group.level_of[s] = s / p.P;
     }
     const std::int64_t cap = scratch.group_capacity;
     auto finish = [&](std::int64_t n, std::int64_t q, std::int64_t m) {
@@ -543,6 +624,54 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
 
 // ---- backward --------------------------------------------------------------------------------
 
+// The fused backward's chain rule for one row (n, q, m), right after its samples: grads holds
+// g_a[LP] (d out / d weight) and g_loc[2 LP] (d out / d location); group holds the row's softmax
+// weights, offsets and location scales. Writes the row's logit and offset gradients and, when
+// `partial` is not null, the sums over the row's points of each level's reference-point gradient
+// (partial[l * R + c]). A sample whose g_loc is zero (one zeroed by the range rule) adds nothing:
+// its offset or box size may be infinite, and 0 * inf would be NaN.
+template <class C>
+MSDA_INLINE void fused_chain(const Params& p, const Group<C>& group, const C* grads, std::int64_t first,
+                             double* partial) {
+  const std::int64_t L = p.L, P = p.P, LP = L * P, R = p.reference_coords;
+  const C* g_a = grads;
+  const C* g_loc = grads + LP;
+  double* out = group.chain;
+  if (p.grad_logits) {  // softmax backward: a_j (g_j - sum_i a_i g_i)
+    double dot = 0;
+    for (std::int64_t j = 0; j < LP; ++j) dot += group.softmax[j] * static_cast<double>(g_a[j]);
+    for (std::int64_t j = 0; j < LP; ++j) out[j] = group.softmax[j] * (static_cast<double>(g_a[j]) - dot);
+    store_values(p.grad_logits, first, LP, p.problem->weight_dtype, out);
+  }
+  if (p.grad_offsets) {  // d location / d offset: 1 / (W, H), or (w, h) * 0.5 / P
+    for (std::int64_t l = 0, s = 0; l < L; ++l) {
+      const double sx = R == 2 ? 1.0 / p.width_f[l] : group.level_factor_x[l] * 0.5 / static_cast<double>(P);
+      const double sy = R == 2 ? 1.0 / p.height_f[l] : group.level_factor_y[l] * 0.5 / static_cast<double>(P);
+      for (std::int64_t pt = 0; pt < P; ++pt, ++s) {
+        const double gx = g_loc[2 * s], gy = g_loc[2 * s + 1];
+        out[2 * s] = gx == 0 ? 0.0 : gx * sx;
+        out[2 * s + 1] = gy == 0 ? 0.0 : gy * sy;
+      }
+    }
+    store_values(p.grad_offsets, 2 * first, 2 * LP, p.problem->location_dtype, out);
+  }
+  if (!partial) return;
+  const double half_per_point = 0.5 / static_cast<double>(P);
+  for (std::int64_t l = 0, s = 0; l < L; ++l) {
+    double sum[4] = {0, 0, 0, 0};
+    for (std::int64_t pt = 0; pt < P; ++pt, ++s) {
+      const double gx = g_loc[2 * s], gy = g_loc[2 * s + 1];
+      sum[0] += gx;
+      sum[1] += gy;
+      if (R == 4) {  // d location / d box size = offset * 0.5 / P
+        if (gx != 0) sum[2] += gx * (group.offset_x[s] * half_per_point);
+        if (gy != 0) sum[3] += gy * (group.offset_y[s] * half_per_point);
+      }
+    }
+    for (std::int64_t c = 0; c < R; ++c) partial[l * R + c] = sum[c];
+  }
+}
+
 // Parallel over parts: a part is one (batch, head) and a range of levels (all of them when there
 // are at least as many (n, m) pairs as threads, one level each otherwise; see cpu.cpp for more
 // threads than parts). A part owns the
@@ -561,18 +690,20 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
   const V* value = static_cast<const V*>(p.value);
   const V* grad_out = static_cast<const V*>(p.grad_output);
   V* grad_value = static_cast<V*>(p.grad_value);
-  const bool want_dots = p.grad_locations || p.grad_weights;
+  const bool want_dots = p.wants_sample_gradients();
 
 #pragma omp parallel num_threads(p.threads)
   {
     std::byte* mine = scratch.for_thread(omp_get_thread_num());
     Channels<V, kD> g(D, reinterpret_cast<C*>(mine));
     Group<C> group(mine + scratch.channels_bytes, scratch.group_capacity);
+    group.row_stride = p.M;  // one head's queries in turn
     C* grads = reinterpret_cast<C*>(mine + scratch.channels_bytes + scratch.group_bytes);  // [3][L*P]
     C* own_rows = reinterpret_cast<C*>(mine + scratch.channels_bytes + scratch.group_bytes + scratch.grads_bytes);
     for (std::int64_t s = 0; s < LP; ++s) {
       group.height[s] = p.height_f[s / P];
       group.width[s] = p.width_f[s / P];
+      group.level_of[s] = s / P;
     }
 #pragma omp for schedule(static)
     for (std::int64_t part = 0; part < p.N * p.M * parts_per_nm; ++part) {
@@ -659,6 +790,15 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
               }
           }
         }
+        if (p.fused) {
+          // Parts of the fused backward cover whole rows (cpu.cpp): the chain rule runs here, while
+          // the row's gradients are in `grads`, and only the reference-point sums leave the kernel.
+          if (want_dots)
+            fused_chain(p, group, grads, first,
+                        p.reference_partials ? p.reference_partials + ((n * p.M + m) * p.Q + q) * p.L * p.reference_coords
+                                             : nullptr);
+          continue;
+        }
         if (p.grad_weights) store_values(p.grad_weights, first, count, p.grad_weight_dtype, grads);
         if (p.grad_locations) store_values(p.grad_locations, 2 * first, 2 * count, p.grad_location_dtype, grads + count);
       }
@@ -671,63 +811,20 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
   }
 }
 
-// ---- the fused backward's chain rule ----------------------------------------------------------
+// ---- the fused backward's reference-point gradients --------------------------------------------
 
-// After backward_kernel ran in fused mode with p.grad_locations and p.grad_weights pointing at
-// per-sample scratch in the compute type C (g_loc = d out / d location, g_a = d out / d weight):
-// the gradients of the offsets, logits and reference points, in double. Parallel over (n, q):
-// each query's reference-point gradient is owned by one thread and summed over m, then l, then
-// p, whatever the thread count. A sample whose g_loc is zero (one zeroed by the range rule) adds
-// nothing: its offset or box size may be infinite, and 0 * inf would be NaN.
-template <class C>
-void fused_epilogue_kernel(const Params& p, const Scratch& scratch) {
-  const std::int64_t L = p.L, P = p.P, LP = L * P, R = p.reference_coords, cap = scratch.group_capacity;
-  const C* g_loc = static_cast<const C*>(p.grad_locations);
-  const C* g_a = static_cast<const C*>(p.grad_weights);
-  const double points = static_cast<double>(P);
-#pragma omp parallel num_threads(p.threads)
-  {
-    double* a = reinterpret_cast<double*>(scratch.for_thread(omp_get_thread_num()));  // [cap]
-    double* out = a + cap;                 // [2 cap]: one row's results before their conversion
-    double* offsets = out + 2 * cap;       // [2 cap]
-    double* box = offsets + 2 * cap;       // [L R]: the query's reference points
-    double* grad_ref = box + 4 * L;        // [L R]
-#pragma omp for schedule(static)
-    for (std::int64_t nq = 0; nq < p.N * p.Q; ++nq) {
-      load_doubles(p.reference_points, nq * L * R, L * R, p.reference_dtype, box);
-      for (std::int64_t k = 0; k < L * R; ++k) grad_ref[k] = 0;
-      for (std::int64_t m = 0; m < p.M; ++m) {
-        const std::int64_t row = nq * p.M + m, first = row * LP;
-        if (g_a) {  // softmax backward: a_j (g_j - sum_i a_i g_i)
-          softmax_row(p, row, LP, a);
-          double dot = 0;
-          for (std::int64_t j = 0; j < LP; ++j) dot += a[j] * static_cast<double>(g_a[first + j]);
-          for (std::int64_t j = 0; j < LP; ++j) out[j] = a[j] * (static_cast<double>(g_a[first + j]) - dot);
-          store_values(p.grad_logits, first, LP, p.problem->weight_dtype, out);
-        }
-        if (!g_loc) continue;
-        if (R == 4) load_doubles(p.locations, 2 * first, 2 * LP, p.problem->location_dtype, offsets);
-        for (std::int64_t l = 0, s = 0; l < L; ++l) {
-          double* gr = grad_ref + l * R;
-          const double* b = box + l * R;
-          for (std::int64_t pt = 0; pt < P; ++pt, ++s) {
-            const double gx = g_loc[2 * (first + s)], gy = g_loc[2 * (first + s) + 1];
-            gr[0] += gx;
-            gr[1] += gy;
-            if (R == 2) {
-              out[2 * s] = gx / p.width_f[l];
-              out[2 * s + 1] = gy / p.height_f[l];
-            } else {
-              out[2 * s] = gx == 0 ? 0.0 : gx * (b[2] * 0.5 / points);
-              out[2 * s + 1] = gy == 0 ? 0.0 : gy * (b[3] * 0.5 / points);
-              if (gx != 0) gr[2] += gx * (offsets[2 * s] / points * 0.5);
-              if (gy != 0) gr[3] += gy * (offsets[2 * s + 1] / points * 0.5);
-            }
-          }
-        }
-        if (p.grad_offsets) store_values(p.grad_offsets, 2 * first, 2 * LP, p.problem->location_dtype, out);
-      }
-      if (p.grad_reference_points) store_values(p.grad_reference_points, nq * L * R, L * R, p.reference_dtype, grad_ref);
+// grad_reference_points[n, q] = the sum over m, in order, of the kernel's per-(n, m, q) partial
+// sums (fused_chain). Parallel over (n, q): each query's gradient is owned by one thread, summed
+// in the same order whatever the thread count.
+MSDA_INLINE void fused_reference_gradients(const Params& p) {
+  const std::int64_t LR = p.L * p.reference_coords;
+#pragma omp parallel for num_threads(p.threads) schedule(static)
+  for (std::int64_t nq = 0; nq < p.N * p.Q; ++nq) {
+    const std::int64_t n = nq / p.Q, q = nq % p.Q;
+    for (std::int64_t k = 0; k < LR; ++k) {
+      double sum = 0;
+      for (std::int64_t m = 0; m < p.M; ++m) sum += p.reference_partials[((n * p.M + m) * p.Q + q) * LR + k];
+      store_values(p.grad_reference_points, nq * LR + k, 1, p.reference_dtype, &sum);
     }
   }
 }
@@ -760,9 +857,4 @@ struct Backward {
 
 void forward(const Params& p, const Scratch& s) { run<Forward>(p, s); }
 void backward(const Params& p, const Scratch& s) { run<Backward>(p, s); }
-void fused_epilogue(const Params& p, const Scratch& s) {
-  if (p.problem->value_dtype == DType::f64)
-    fused_epilogue_kernel<double>(p, s);
-  else
-    fused_epilogue_kernel<float>(p, s);
-}
+void fused_epilogue(const Params& p, const Scratch&) { fused_reference_gradients(p); }

@@ -115,6 +115,20 @@ MSDA_INLINE Vec<double> floor_lanes(Vec<double> x) {
 #endif
 }
 
+// v as computed, kept from being fused with what follows (FMA contraction): a product that
+// goes through here is rounded before a following addition, as the reference backend rounds it.
+// An empty asm that claims to change the register is the one barrier GCC and Clang both respect
+// (Clang ignores __builtin_assoc_barrier's GCC meaning); without FMA there is nothing to prevent.
+template <class T>
+MSDA_INLINE T rounded(T v) {
+#if defined(MSDA_X86) && defined(__FMA__)
+  asm("" : "+v"(v));
+#elif defined(__aarch64__)
+  asm("" : "+w"(v));
+#endif
+  return v;
+}
+
 // e^x of every lane, for x <= 0, -inf or NaN (the max-subtracted logits of a softmax): within
 // 2 ulp of exp(), pure arithmetic, so the same bits on every call (no libm, whose results may
 // change with the library version). Results below 2^-1022 (x < -708) become 0: a softmax weight
