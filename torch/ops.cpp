@@ -31,18 +31,8 @@ at::Tensor index_tensor(const at::Tensor& t, const char* argument) {
   return t.to(at::kLong).contiguous();
 }
 
-struct Prepared {
-  Problem problem;
-  at::Tensor value, locations, weights;
-};
-
-Prepared prepare(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-                 const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
-  const std::pair<const at::Tensor*, const char*> tensors[] = {{&value, "value"},
-                                                               {&spatial_shapes, "spatial_shapes"},
-                                                               {&level_start_index, "level_start_index"},
-                                                               {&sampling_locations, "sampling_locations"},
-                                                               {&attention_weights, "attention_weights"}};
+// Devices (all value's, and one msda has a kernel for) and the defined-ness of every tensor.
+void check_devices(const at::Tensor& value, std::initializer_list<std::pair<const at::Tensor*, const char*>> tensors) {
   for (const auto& [t, argument] : tensors) {
     if (!t->defined()) throw Error(argument, "a tensor", "None (an undefined tensor)");
     if (t->device() != value.device())
@@ -50,7 +40,20 @@ Prepared prepare(const at::Tensor& value, const at::Tensor& spatial_shapes, cons
   }
   if (!value.device().is_cpu())
     throw Error("value", "a CPU tensor (msda has no kernel for this device yet)", value.device().str());
+}
 
+struct Prepared {
+  Problem problem;
+  at::Tensor value, locations, weights;
+};
+
+Prepared prepare(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
+                 const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+  check_devices(value, {{&value, "value"},
+                        {&spatial_shapes, "spatial_shapes"},
+                        {&level_start_index, "level_start_index"},
+                        {&sampling_locations, "sampling_locations"},
+                        {&attention_weights, "attention_weights"}});
   const at::Tensor shapes = index_tensor(spatial_shapes, "spatial_shapes");
   const at::Tensor starts = index_tensor(level_start_index, "level_start_index");
   TensorSizes sizes{value.sizes().vec(), shapes.sizes().vec(), starts.sizes().vec(),
@@ -64,6 +67,58 @@ Prepared prepare(const at::Tensor& value, const at::Tensor& spatial_shapes, cons
   p.weights = attention_weights.contiguous();
   return p;
 }
+
+struct PreparedFused {
+  Problem problem;
+  at::Tensor value, reference, offsets, logits;
+  FusedInputs inputs() const {
+    return {value.data_ptr(), reference.data_ptr(), offsets.data_ptr(), logits.data_ptr()};
+  }
+};
+
+PreparedFused prepare_fused(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                            const at::Tensor& level_start_index, const at::Tensor& reference_points,
+                            const at::Tensor& sampling_offsets, const at::Tensor& attention_logits) {
+  check_devices(value, {{&value, "value"},
+                        {&spatial_shapes, "spatial_shapes"},
+                        {&level_start_index, "level_start_index"},
+                        {&reference_points, "reference_points"},
+                        {&sampling_offsets, "sampling_offsets"},
+                        {&attention_logits, "attention_logits"}});
+  const at::Tensor shapes = index_tensor(spatial_shapes, "spatial_shapes");
+  const at::Tensor starts = index_tensor(level_start_index, "level_start_index");
+  FusedTensorSizes sizes{value.sizes().vec(),          shapes.sizes().vec(),           starts.sizes().vec(),
+                         reference_points.sizes().vec(), sampling_offsets.sizes().vec(), attention_logits.sizes().vec()};
+  PreparedFused p;
+  p.problem = describe_fused(sizes, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), dtype_of(value, "value"),
+                             dtype_of(reference_points, "reference_points"),
+                             dtype_of(sampling_offsets, "sampling_offsets"),
+                             dtype_of(attention_logits, "attention_logits"));
+  p.value = value.contiguous();
+  p.reference = reference_points.contiguous();
+  p.offsets = sampling_offsets.contiguous();
+  p.logits = attention_logits.contiguous();
+  return p;
+}
+
+// grad_output: defined, on value's device, in value's dtype, sized [N, Q, M*D].
+at::Tensor checked_grad_output(const at::Tensor& grad_output, const at::Tensor& value, const Problem& problem) {
+  if (!grad_output.defined()) throw Error("grad_output", "a tensor", "None (an undefined tensor)");
+  if (grad_output.device() != value.device())
+    throw Error("grad_output", "the device of value (" + value.device().str() + ")", grad_output.device().str());
+  if (grad_output.scalar_type() != value.scalar_type())
+    throw Error("grad_output", "the dtype of value (" + str(value.scalar_type()) + ")", str(grad_output.scalar_type()));
+  check_grad_output_sizes(problem, grad_output.sizes().vec());
+  return grad_output.contiguous();
+}
+
+// A gradient that was not asked for is an empty placeholder, not an undefined tensor: the
+// schema's outputs are plain Tensors, which torch.compile and torch.export require defined.
+at::Tensor gradient_for(const at::Tensor& input, bool wanted) {
+  return wanted ? at::empty_like(input) : at::empty({0}, input.options());
+}
+
+void* pointer_if(at::Tensor& t, bool wanted) { return wanted ? t.data_ptr() : nullptr; }
 
 Options options() {
   Options o;
@@ -104,29 +159,48 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
                                                         std::array<bool, 3> output_mask) {
   return translating_errors([&] {
     Prepared p = prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-    if (!grad_output.defined()) throw Error("grad_output", "a tensor", "None (an undefined tensor)");
-    if (grad_output.device() != value.device())
-      throw Error("grad_output", "the device of value (" + value.device().str() + ")", grad_output.device().str());
-    if (grad_output.scalar_type() != value.scalar_type())
-      throw Error("grad_output", "the dtype of value (" + str(value.scalar_type()) + ")",
-                  str(grad_output.scalar_type()));
-    check_grad_output_sizes(p.problem, grad_output.sizes().vec());
-    const at::Tensor g = grad_output.contiguous();
-
-    // A gradient that was not asked for is an empty placeholder, not an undefined tensor: the
-    // schema's outputs are plain Tensors, which torch.compile and torch.export require defined.
-    auto gradient = [](const at::Tensor& input, bool wanted) {
-      return wanted ? at::empty_like(input) : at::empty({0}, input.options());
-    };
-    at::Tensor grad_value = gradient(p.value, output_mask[0]);
-    at::Tensor grad_locations = gradient(p.locations, output_mask[1]);
-    at::Tensor grad_weights = gradient(p.weights, output_mask[2]);
-    auto ptr = [](at::Tensor& t, bool wanted) { return wanted ? t.data_ptr() : nullptr; };
+    const at::Tensor g = checked_grad_output(grad_output, value, p.problem);
+    at::Tensor grad_value = gradient_for(p.value, output_mask[0]);
+    at::Tensor grad_locations = gradient_for(p.locations, output_mask[1]);
+    at::Tensor grad_weights = gradient_for(p.weights, output_mask[2]);
     msda::backward(p.problem, {p.value.data_ptr(), p.locations.data_ptr(), p.weights.data_ptr()}, g.data_ptr(),
-                   {ptr(grad_value, output_mask[0]), ptr(grad_locations, output_mask[1]),
-                    ptr(grad_weights, output_mask[2])},
+                   {pointer_if(grad_value, output_mask[0]), pointer_if(grad_locations, output_mask[1]),
+                    pointer_if(grad_weights, output_mask[2])},
                    options());
     return std::make_tuple(grad_value, grad_locations, grad_weights);
+  });
+}
+
+at::Tensor fused_forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                         const at::Tensor& level_start_index, const at::Tensor& reference_points,
+                         const at::Tensor& sampling_offsets, const at::Tensor& attention_logits) {
+  return translating_errors([&] {
+    const PreparedFused p = prepare_fused(value, spatial_shapes, level_start_index, reference_points,
+                                          sampling_offsets, attention_logits);
+    const Problem& pr = p.problem;
+    at::Tensor output = at::empty({pr.batch, pr.queries, pr.heads * pr.channels}, p.value.options());
+    msda::forward_fused(pr, p.inputs(), output.data_ptr(), options());
+    return output;
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& reference_points, const at::Tensor& sampling_offsets,
+    const at::Tensor& attention_logits, std::array<bool, 4> output_mask) {
+  return translating_errors([&] {
+    const PreparedFused p = prepare_fused(value, spatial_shapes, level_start_index, reference_points,
+                                          sampling_offsets, attention_logits);
+    const at::Tensor g = checked_grad_output(grad_output, value, p.problem);
+    at::Tensor grad_value = gradient_for(p.value, output_mask[0]);
+    at::Tensor grad_reference = gradient_for(p.reference, output_mask[1]);
+    at::Tensor grad_offsets = gradient_for(p.offsets, output_mask[2]);
+    at::Tensor grad_logits = gradient_for(p.logits, output_mask[3]);
+    msda::backward_fused(p.problem, p.inputs(), g.data_ptr(),
+                         {pointer_if(grad_value, output_mask[0]), pointer_if(grad_reference, output_mask[1]),
+                          pointer_if(grad_offsets, output_mask[2]), pointer_if(grad_logits, output_mask[3])},
+                         options());
+    return std::make_tuple(grad_value, grad_reference, grad_offsets, grad_logits);
   });
 }
 

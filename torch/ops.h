@@ -21,4 +21,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
                                                         const at::Tensor& attention_weights,
                                                         std::array<bool, 3> output_mask);
 
+// The fused op (SPEC "The fused op"): reference_points [N, Q, L, 2 or 4], sampling_offsets
+// [N, Q, M, L, P, 2], attention_logits [N, Q, M, L*P] in place of locations and weights.
+at::Tensor fused_forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                         const at::Tensor& level_start_index, const at::Tensor& reference_points,
+                         const at::Tensor& sampling_offsets, const at::Tensor& attention_logits);
+
+// Gradients for the inputs flagged in output_mask (value, reference_points, sampling_offsets,
+// attention_logits); an unflagged one is an empty placeholder of size [0].
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& reference_points, const at::Tensor& sampling_offsets,
+    const at::Tensor& attention_logits, std::array<bool, 4> output_mask);
+
 }  // namespace msda::torch_ops

@@ -1,5 +1,6 @@
-// Registers msda::ms_deform_attn (differentiable) and msda::ms_deform_attn_backward with the
-// PyTorch dispatcher, so Python (torch.ops.msda) and C++ libtorch programs call the same op.
+// Registers msda::ms_deform_attn and msda::ms_deform_attn_fused (differentiable) and their
+// backward ops with the PyTorch dispatcher, so Python (torch.ops.msda) and C++ libtorch programs
+// call the same ops.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -79,6 +80,76 @@ at::Tensor forward_autograd(const at::Tensor& value, const at::Tensor& spatial_s
                                      im2col_step);
 }
 
+at::Tensor call_fused_forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                              const at::Tensor& level_start_index, const at::Tensor& reference_points,
+                              const at::Tensor& sampling_offsets, const at::Tensor& attention_logits) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("msda::ms_deform_attn_fused", "")
+                       .typed<decltype(fused_forward)>();
+  return op.call(value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_logits);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> call_fused_backward(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& reference_points, const at::Tensor& sampling_offsets,
+    const at::Tensor& attention_logits, std::array<bool, 4> output_mask) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("msda::ms_deform_attn_fused_backward", "")
+                       .typed<decltype(fused_backward)>();
+  return op.call(grad_output, value, spatial_shapes, level_start_index, reference_points, sampling_offsets,
+                 attention_logits, output_mask);
+}
+
+class MSDeformAttnFusedFunction : public torch::autograd::Function<MSDeformAttnFusedFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& value, const at::Tensor& spatial_shapes,
+                            const at::Tensor& level_start_index, const at::Tensor& reference_points,
+                            const at::Tensor& sampling_offsets, const at::Tensor& attention_logits) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward(
+        {value, spatial_shapes, level_start_index, reference_points, sampling_offsets, attention_logits});
+    return call_fused_forward(value, spatial_shapes, level_start_index, reference_points, sampling_offsets,
+                              attention_logits);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& grad = grad_outputs[0];
+    // Tensor inputs in order: value 0, spatial_shapes 1, level_start_index 2, reference_points 3,
+    // sampling_offsets 4, attention_logits 5.
+    const std::array<bool, 4> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(3), ctx->needs_input_grad(4),
+                                   ctx->needs_input_grad(5)};
+    if (!grad.defined() || !(mask[0] || mask[1] || mask[2] || mask[3])) return variable_list(6);
+    auto [grad_value, grad_reference, grad_offsets, grad_logits] =
+        call_fused_backward(grad, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], mask);
+    auto wanted = [](at::Tensor& t, bool flag) { return flag ? t : at::Tensor(); };  // drop placeholders
+    return {wanted(grad_value, mask[0]),     at::Tensor(),
+            at::Tensor(),                    wanted(grad_reference, mask[1]),
+            wanted(grad_offsets, mask[2]),   wanted(grad_logits, mask[3])};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_autograd(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& reference_points, const at::Tensor& sampling_offsets,
+    const at::Tensor& attention_logits, std::array<bool, 4> output_mask) {
+  if (at::GradMode::is_enabled())
+    for (const at::Tensor* t : {&grad_output, &value, &reference_points, &sampling_offsets, &attention_logits})
+      TORCH_CHECK(!(t->defined() && t->requires_grad()),
+                  "msda: ms_deform_attn_fused: expected a first-order gradient, got a request for a double "
+                  "backward (create_graph=True), which msda does not implement");
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return call_fused_backward(grad_output, value, spatial_shapes, level_start_index, reference_points,
+                             sampling_offsets, attention_logits, output_mask);
+}
+
+at::Tensor fused_forward_autograd(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                  const at::Tensor& level_start_index, const at::Tensor& reference_points,
+                                  const at::Tensor& sampling_offsets, const at::Tensor& attention_logits) {
+  return MSDeformAttnFusedFunction::apply(value, spatial_shapes, level_start_index, reference_points,
+                                          sampling_offsets, attention_logits);
+}
+
 }  // namespace
 }  // namespace msda::torch_ops
 
@@ -89,6 +160,13 @@ TORCH_LIBRARY(msda, m) {
   m.def(
       "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
       "Tensor sampling_locations, Tensor attention_weights, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "ms_deform_attn_fused(Tensor value, Tensor spatial_shapes, Tensor level_start_index, Tensor reference_points, "
+      "Tensor sampling_offsets, Tensor attention_logits) -> Tensor");
+  m.def(
+      "ms_deform_attn_fused_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
+      "Tensor level_start_index, Tensor reference_points, Tensor sampling_offsets, Tensor attention_logits, "
+      "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 // CompositeExplicitAutograd: one kernel for every device, so a tensor on a device msda has no
@@ -96,9 +174,13 @@ TORCH_LIBRARY(msda, m) {
 TORCH_LIBRARY_IMPL(msda, CompositeExplicitAutograd, m) {
   m.impl("ms_deform_attn", &msda::torch_ops::forward);
   m.impl("ms_deform_attn_backward", &msda::torch_ops::backward);
+  m.impl("ms_deform_attn_fused", &msda::torch_ops::fused_forward);
+  m.impl("ms_deform_attn_fused_backward", &msda::torch_ops::fused_backward);
 }
 
 TORCH_LIBRARY_IMPL(msda, Autograd, m) {
   m.impl("ms_deform_attn", &msda::torch_ops::forward_autograd);
   m.impl("ms_deform_attn_backward", &msda::torch_ops::backward_autograd);
+  m.impl("ms_deform_attn_fused", &msda::torch_ops::fused_forward_autograd);
+  m.impl("ms_deform_attn_fused_backward", &msda::torch_ops::fused_backward_autograd);
 }

@@ -6,11 +6,14 @@
 
 The op is differentiable in value, sampling_locations and attention_weights, and is also
 registered as torch.ops.msda.ms_deform_attn for C++ libtorch programs.
+msda.ms_deform_attn_fused(value, spatial_shapes, level_start_index, reference_points,
+sampling_offsets, attention_logits) computes the locations and the softmax inside the op.
 """
 from ._build_info import version as __version__
 from ._library import library_path
-from .functional import ms_deform_attn, ms_deform_attn_pytorch
+from .functional import ms_deform_attn, ms_deform_attn_fused, ms_deform_attn_pytorch
 from .modules import MSDeformAttn
 from .integrations.transformers import patch
 
-__all__ = ["ms_deform_attn", "ms_deform_attn_pytorch", "MSDeformAttn", "patch", "library_path", "__version__"]
+__all__ = ["ms_deform_attn", "ms_deform_attn_fused", "ms_deform_attn_pytorch", "MSDeformAttn", "patch", "library_path",
+           "__version__"]

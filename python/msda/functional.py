@@ -22,6 +22,26 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_star
                                          attention_weights, im2col_step)
 
 
+def ms_deform_attn_fused(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+                         reference_points: torch.Tensor, sampling_offsets: torch.Tensor,
+                         attention_logits: torch.Tensor) -> torch.Tensor:
+    """Deformable DETR's MSDeformAttn from the projections on (SPEC "The fused op"): the sampling
+    locations and the softmax are computed inside the op, never materialised.
+
+    value [N, S, M, D]; spatial_shapes [L, 2] (H, W); level_start_index [L];
+    reference_points [N, Q, L, 2] (x, y) or [N, Q, L, 4] (cx, cy, w, h), in 0..1;
+    sampling_offsets [N, Q, M, L, P, 2]: pixels of each level for 2-coordinate reference points,
+    fractions of half the box spread over the points (loc = c + off / P * wh / 2) for 4;
+    attention_logits [N, Q, M, L*P], before the softmax.
+    Equals ms_deform_attn(value, spatial_shapes, level_start_index, loc, softmax(logits)) with the
+    locations and softmax computed in double. Returns [N, Q, M*D] in value's dtype; differentiable
+    in value, reference_points, sampling_offsets and attention_logits, each of which may be
+    float32 beside a bfloat16/float16 value.
+    """
+    return torch.ops.msda.ms_deform_attn_fused(value, spatial_shapes, level_start_index, reference_points,
+                                               sampling_offsets, attention_logits)
+
+
 def ms_deform_attn_pytorch(value: torch.Tensor, spatial_shapes: torch.Tensor, sampling_locations: torch.Tensor,
                            attention_weights: torch.Tensor) -> torch.Tensor:
     """The same operator built from torch.nn.functional.grid_sample, one level at a time.
