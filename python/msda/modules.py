@@ -11,7 +11,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.init import constant_, xavier_uniform_
 
-from .functional import ms_deform_attn, ms_deform_attn_pytorch
+from .functional import ms_deform_attn, ms_deform_attn_fused, ms_deform_attn_pytorch
+
+KERNELS = ("msda", "msda-unfused", "pytorch")
 
 
 class MSDeformAttn(nn.Module):
@@ -29,7 +31,9 @@ class MSDeformAttn(nn.Module):
         self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
         self.value_proj = nn.Linear(d_model, d_model)
         self.output_proj = nn.Linear(d_model, d_model)
-        # Which kernel runs the attention: "msda" (the op) or "pytorch" (the grid-sample path).
+        # Which kernel runs the attention: "msda" (the fused op: locations and softmax inside it),
+        # "msda-unfused" (the plain op, locations and softmax computed by PyTorch) or "pytorch"
+        # (the grid-sample path).
         self.kernel = "msda"
         self._reset_parameters()
 
@@ -73,24 +77,38 @@ class MSDeformAttn(nn.Module):
         value = value.view(n, len_in, self.n_heads, self.d_model // self.n_heads)
         offsets = self.sampling_offsets(query).view(n, len_q, self.n_heads, self.n_levels, self.n_points, 2)
         logits = self.attention_weights(query).view(n, len_q, self.n_heads, self.n_levels * self.n_points)
+        if reference_points.shape[-1] not in (2, 4):
+            raise ValueError("MSDeformAttn: reference_points must have 2 or 4 coordinates in the last dimension, "
+                             f"got {reference_points.shape[-1]}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"MSDeformAttn: kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+
+        if self.kernel == "msda":
+            # The op computes the locations and the softmax itself, in double. Under autocast (or
+            # in a bf16/f16 model) value, offsets and logits come in 16 bits as the projections
+            # made them, and the reference points stay f32: the precision a location needs is in
+            # them, not in the offsets of a few pixels. Any other mix becomes f32.
+            def allowed(t):
+                return t if t.dtype in (value.dtype, torch.float32) else t.float()
+
+            output = ms_deform_attn_fused(value, shapes, input_level_start_index, allowed(reference_points),
+                                          allowed(offsets), allowed(logits))
+            return self.output_proj(output)
+
         # Under autocast (or in a bf16/f16 model) the projections come out in 16 bits; the softmax
         # and the location arithmetic run in f32 and the op keeps them f32 (SPEC, "Precision": a
         # bf16 coordinate is only good to ~1/256 of the map).
         if logits.dtype in (torch.bfloat16, torch.float16):
             logits, offsets, reference_points = logits.float(), offsets.float(), reference_points.float()
         weights = F.softmax(logits, -1).view(n, len_q, self.n_heads, self.n_levels, self.n_points)
-
         if reference_points.shape[-1] == 2:
             # Offsets are in pixels of each level: divide by (W, H).
             normalizer = torch.stack([shapes[..., 1], shapes[..., 0]], -1)
             locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        elif reference_points.shape[-1] == 4:
+        else:
             # Offsets are fractions of half the box, spread over the points.
             locations = (reference_points[:, :, None, :, None, :2]
                          + offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5)
-        else:
-            raise ValueError("MSDeformAttn: reference_points must have 2 or 4 coordinates in the last dimension, "
-                             f"got {reference_points.shape[-1]}")
 
         if self.kernel == "pytorch":
             output = ms_deform_attn_pytorch(value, shapes, locations, weights)

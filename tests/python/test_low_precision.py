@@ -82,8 +82,9 @@ class SmallModel(nn.Module):
         return self.attn(query, ref, self.value_in(feats), shapes, starts, mask)
 
 
+@pytest.mark.parametrize("kernel", ["msda", "msda-unfused"])
 @pytest.mark.parametrize("ref_coords", [2, 4])
-def test_autocast_bf16_model(ref_coords):
+def test_autocast_bf16_model(ref_coords, kernel):
     torch.manual_seed(0)
     shapes_list = [(10, 12), (5, 6)]
     shapes = torch.tensor(shapes_list)
@@ -107,31 +108,37 @@ def test_autocast_bf16_model(ref_coords):
     mask = torch.zeros(n, S, dtype=torch.bool)
     mask[1, -20:] = True
 
+    model.attn.kernel = kernel
     model32 = copy.deepcopy(model)
     out32 = model32(query, ref, feats, shapes, starts, mask)
     out32.pow(2).sum().backward()
 
     seen = {}
-    real_op = msda.modules.ms_deform_attn
+    op_name = "ms_deform_attn_fused" if kernel == "msda" else "ms_deform_attn"
+    real_op = getattr(msda.modules, op_name)
 
     def spy(value, *args):
         seen["value"] = value.dtype
-        seen["locations"] = args[2].dtype
-        seen["weights"] = args[3].dtype
+        seen["others"] = tuple(a.dtype for a in args[2:] if torch.is_tensor(a))
         return real_op(value, *args)
 
-    msda.modules.ms_deform_attn = spy
+    setattr(msda.modules, op_name, spy)
     try:
         with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
             out = model(query, ref, feats, shapes, starts, mask)
             loss = out.float().pow(2).sum()
         loss.backward()
     finally:
-        msda.modules.ms_deform_attn = real_op
+        setattr(msda.modules, op_name, real_op)
 
     assert seen["value"] == torch.bfloat16, seen  # the op really ran on a bf16 value
-    # SPEC, "Precision": the softmax and the location arithmetic run in f32 and stay f32.
-    assert seen["locations"] == torch.float32 and seen["weights"] == torch.float32, seen
+    if kernel == "msda":
+        # The fused op: bf16 offsets and logits as the projections made them, f32 reference
+        # points; the softmax and the location arithmetic run in double inside it.
+        assert seen["others"] == (torch.float32, torch.bfloat16, torch.bfloat16), seen
+    else:
+        # SPEC, "Precision": the softmax and the location arithmetic run in f32 and stay f32.
+        assert seen["others"] == (torch.float32, torch.float32), seen
     assert out.dtype == torch.bfloat16
     assert_rel(out, out32, 2e-2, "autocast output")
     for (name, p), p32 in zip(model.named_parameters(), model32.parameters()):

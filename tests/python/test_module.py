@@ -121,7 +121,7 @@ def test_default_constructor_is_deformable_detr_size():
 
 @pytest.mark.parametrize("mask", [True, False], ids=["mask", "nomask"])
 @pytest.mark.parametrize("ref_coords", [2, 4])
-@pytest.mark.parametrize("kernel", ["msda", "pytorch"])
+@pytest.mark.parametrize("kernel", ["msda", "msda-unfused", "pytorch"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["f64", "f32"])
 def test_module_matches_reimplementation(dtype, tol, kernel, ref_coords, mask):
     mod, ref, args = _setup(ref_coords, dtype, seed=ref_coords + 10 * mask, mask=mask)
@@ -160,15 +160,21 @@ def test_padding_mask_matters_and_masked_rows_get_no_gradient():
 def test_kernel_attribute_selects_path(monkeypatch):
     mod, _, args = _setup(2, torch.float64, seed=4)
     calls = []
-    real_op, real_pt = msda.modules.ms_deform_attn, msda.modules.ms_deform_attn_pytorch
-    monkeypatch.setattr(msda.modules, "ms_deform_attn", lambda *a, **k: calls.append("msda") or real_op(*a, **k))
+    real_fused, real_op, real_pt = (msda.modules.ms_deform_attn_fused, msda.modules.ms_deform_attn,
+                                    msda.modules.ms_deform_attn_pytorch)
+    monkeypatch.setattr(msda.modules, "ms_deform_attn_fused",
+                        lambda *a, **k: calls.append("msda") or real_fused(*a, **k))
+    monkeypatch.setattr(msda.modules, "ms_deform_attn",
+                        lambda *a, **k: calls.append("msda-unfused") or real_op(*a, **k))
     monkeypatch.setattr(msda.modules, "ms_deform_attn_pytorch",
                         lambda *a, **k: calls.append("pytorch") or real_pt(*a, **k))
-    assert mod.kernel == "msda"  # the default
+    assert mod.kernel == "msda"  # the default: the fused op
+    mod(*args)
+    mod.kernel = "msda-unfused"
     mod(*args)
     mod.kernel = "pytorch"
     mod(*args)
-    assert calls == ["msda", "pytorch"]
+    assert calls == ["msda", "msda-unfused", "pytorch"]
 
 
 def test_reference_points_bad_last_dim():

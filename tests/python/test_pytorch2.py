@@ -156,7 +156,8 @@ def test_compile_fullgraph_equals_eager(dynamic):
 
 def test_compile_float32_and_autocast():
     """float32 (inductor's own kernels around the op round differently: SPEC's 1e-5), and CPU
-    autocast to bf16 under torch.compile: msda gets a bf16 value with f32 locations and weights."""
+    autocast to bf16 under torch.compile: the fused op gets a bf16 value, offsets and logits as the
+    projections make them, and the f32 reference points."""
     torch._dynamo.reset()
     torch.manual_seed(1)
     model = Encoder(layers=1)
@@ -168,13 +169,13 @@ def test_compile_float32_and_autocast():
 
     class Spy(torch.utils._python_dispatch.TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.msda.ms_deform_attn.default:
-                seen.append((args[0].dtype, args[3].dtype, args[4].dtype))
+            if func is torch.ops.msda.ms_deform_attn_fused.default:
+                seen.append((args[0].dtype, args[3].dtype, args[4].dtype, args[5].dtype))
             return func(*args, **(kwargs or {}))
 
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad(), Spy():
         out = model(*inputs)  # eager under the spy: which dtypes reach the op
-    assert seen == [(torch.bfloat16, torch.float32, torch.float32)], seen
+    assert seen == [(torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16)], seen
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         compiled_out = compiled(*inputs)
     assert compiled_out.dtype == out.dtype
@@ -191,7 +192,7 @@ def test_export_encoder_layer():
     dynamic_shapes = ({1: s}, {1: s}, {1: s}, None, None, {1: s})
     program = torch.export.export(layer, inputs, dynamic_shapes=dynamic_shapes)
     targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
-    assert "msda.ms_deform_attn.default" in targets, targets
+    assert "msda.ms_deform_attn_fused.default" in targets, targets  # MSDeformAttn's default kernel
     runnable = program.module()
     with torch.no_grad():
         torch.testing.assert_close(runnable(*inputs), layer(*inputs), rtol=0, atol=0)
