@@ -17,6 +17,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -611,6 +612,43 @@ TEST(FusedDeterminism, BitwiseIdenticalAcrossThreadCountsAndRuns) {
       }
     }
   }
+}
+
+// The backward keeps its reference-point scratch between calls (a cached workspace): calls of
+// different sizes in turn, and many threads calling at once (each leases its own buffer), give
+// the bits of a lone call.
+TEST(FusedDeterminism, WorkspaceReuseAndConcurrentCallers) {
+  const FusedCase big = make_fused_case(fused_shape(2, 4, 8, 200, 4, {{10, 12}, {5, 6}}, 4),
+                                        {DType::f32, DType::f32, DType::f32, DType::f32}, Draw::local, case_seed(0));
+  const FusedCase small = make_fused_case(fused_shape(1, 2, 8, 30, 2, {{6, 7}}, 2),
+                                          {DType::f32, DType::f32, DType::f32, DType::f32}, Draw::wide, case_seed(1));
+  FusedResults big_alone(big.problem), small_alone(small.problem);
+  run_fused(big.problem, big.tensors, big_alone, {2, Backend::cpu});
+  run_fused(small.problem, small.tensors, small_alone, {2, Backend::cpu});
+  auto same = [](const FusedResults& a, const FusedResults& b) {
+    const auto x = a.all();
+    const auto y = b.all();
+    for (std::size_t k = 0; k < x.size(); ++k)
+      if (!x[k]->same_bytes(*y[k])) return false;
+    return true;
+  };
+  for (int round = 0; round < 3; ++round) {  // small after big reuses the big buffer, and back
+    FusedResults b(big.problem), s(small.problem);
+    run_fused(small.problem, small.tensors, s, {2, Backend::cpu});
+    run_fused(big.problem, big.tensors, b, {2, Backend::cpu});
+    EXPECT_TRUE(same(b, big_alone));
+    EXPECT_TRUE(same(s, small_alone));
+  }
+  std::vector<FusedResults> results;
+  for (int t = 0; t < 6; ++t) results.emplace_back(t % 2 ? small.problem : big.problem);
+  std::vector<std::thread> callers;
+  for (int t = 0; t < 6; ++t)
+    callers.emplace_back([&, t] {
+      const FusedCase& c = t % 2 ? small : big;
+      run_fused(c.problem, c.tensors, results[static_cast<std::size_t>(t)], {2, Backend::cpu});
+    });
+  for (std::thread& t : callers) t.join();
+  for (int t = 0; t < 6; ++t) EXPECT_TRUE(same(results[static_cast<std::size_t>(t)], t % 2 ? small_alone : big_alone)) << t;
 }
 
 // ---- bad input ------------------------------------------------------------------------------
