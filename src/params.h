@@ -38,8 +38,8 @@ struct Params {
   std::int64_t reference_coords = 2;
   DType reference_dtype = DType::f32;
   // fused backward: the caller's gradients of the three inputs that replace locations and
-  // weights (null: not wanted), and per-(n, m, q) partial sums of grad_reference_points,
-  // [N, M, Q, L, reference_coords] doubles, that the cpu backend's kernel writes and its epilogue
+  // weights (null: not wanted), and per-(n, q, m) partial sums of grad_reference_points,
+  // [N, Q, M, L, reference_coords] doubles, that the cpu backend's kernel writes and its epilogue
   // sums over m.
   void* grad_reference_points = nullptr;
   void* grad_offsets = nullptr;

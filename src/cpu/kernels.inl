@@ -230,6 +230,8 @@ struct Group {
   double* level_origin_y;
   double* level_factor_x;
   double* level_factor_y;
+  C* offset_scale;  // [2 capacity], interleaved x, y: the backward's d location / d offset, 1 / (W, H)
+                    // (set once, by set_levels) or (w, h) * 0.5 / P of query `prepared`
   double* offset_x;
   double* offset_y;
   double half = 1;
@@ -243,7 +245,7 @@ struct Group {
   std::int64_t rows_first = -1, rows_stride = 1, rows_count = 0, row_stride = 1;
   const double* softmax = nullptr;  // the current row's weights before the range rule zeroes any
   double* chain;  // [2 capacity]: the fused backward's gradients of one row before their conversion
-  static_assert(13 * sizeof(double) + kRows * sizeof(double) + 7 * sizeof(std::int64_t) + 6 * sizeof(C) <=
+  static_assert(15 * sizeof(double) + kRows * sizeof(double) + 7 * sizeof(std::int64_t) + 6 * sizeof(C) <=
                 kGroupBytesPerSample);
 
   MSDA_INLINE Group(std::byte* memory, std::int64_t cap) : capacity(cap) {
@@ -263,7 +265,8 @@ struct Group {
     level_origin_y = level_origin_x + cap;
     level_factor_x = level_origin_y + cap;
     level_factor_y = level_factor_x + cap;
-    offset_x = level_factor_y + cap;
+    offset_scale = reinterpret_cast<C*>(level_factor_y + cap);
+    offset_x = level_factor_y + 3 * cap;  // offset_scale: 2 * cap values of C, at most 2 * cap doubles
     offset_y = offset_x + cap;
     rows = offset_y + cap;
     chain = rows + kRows * cap;
@@ -342,13 +345,27 @@ struct Group {
     return rows;
   }
 
+  // Per-sample constants of the problem: each sample's level, H and W, and (fused op, 2
+  // coordinates) d location / d offset.
+  MSDA_INLINE void set_levels(const Params& p) {
+    for (std::int64_t s = 0; s < p.L * p.P; ++s) {
+      const std::int64_t l = s / p.P;
+      height[s] = p.height_f[l];
+      width[s] = p.width_f[l];
+      level_of[s] = l;
+      offset_scale[2 * s] = static_cast<C>(1.0 / p.width_f[l]);
+      offset_scale[2 * s + 1] = static_cast<C>(1.0 / p.height_f[l]);
+    }
+  }
+
   // The fused op's origin and factor of every level for query nq (= n * Q + q), read once for all
-  // the heads of a query.
+  // the heads of a query; with boxes, d location / d offset too.
   MSDA_INLINE void prepare(const Params& p, std::int64_t nq) {
     if (nq == prepared) return;
     prepared = nq;
-    const std::int64_t R = p.reference_coords;
+    const std::int64_t R = p.reference_coords, P = p.P;
     half = R == 2 ? 1.0 : 0.5;
+    const double half_per_point = 0.5 / static_cast<double>(P);
     double ref[4] = {0, 0, 1, 1};
     for (std::int64_t l = 0; l < p.L; ++l) {
       load_doubles(p.reference_points, (nq * p.L + l) * R, R, p.reference_dtype, ref);
@@ -356,6 +373,11 @@ struct Group {
       level_origin_y[l] = ref[1];
       level_factor_x[l] = ref[2];
       level_factor_y[l] = ref[3];
+      if (R == 4)
+        for (std::int64_t s = l * P; s < (l + 1) * P; ++s) {
+          offset_scale[2 * s] = static_cast<C>(ref[2] * half_per_point);
+          offset_scale[2 * s + 1] = static_cast<C>(ref[3] * half_per_point);
+        }
     }
   }
 
@@ -550,12 +572,9 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
     // A row of zeros: where the taps of off-map corners point (with weight 0).
     V* zero_row = reinterpret_cast<V*>(mine + scratch.channels_bytes + scratch.group_bytes + scratch.grads_bytes);
     __builtin_memset(static_cast<void*>(zero_row), 0, static_cast<std::size_t>(D) * sizeof(V));
-    for (std::int64_t s = 0; s < LP; ++s) {
-      group.height[s] = p.height_f[s / p.P];
-      group.width[s] = p.width_f[s / p.P];
+    group.set_levels(p);
+    for (std::int64_t s = 0; s < LP; ++s)
       group.level_offset[s] = p.level_start[s / p.P] * row_stride * static_cast<std::int64_t>(sizeof(V));
-      group.level_of[s] = s / p.P;
-    }
     const std::int64_t cap = scratch.group_capacity;
     auto finish = [&](std::int64_t n, std::int64_t q, std::int64_t m) {
       if constexpr (kAccs == 4) {
@@ -624,50 +643,76 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
 
 // ---- backward --------------------------------------------------------------------------------
 
+// Calls f(pointer) with `base` as a pointer to the storage type of `dtype`: the dtype switch sits
+// outside the loops f runs, which then convert and store each value directly.
+template <class F>
+MSDA_INLINE void with_storage(DType dtype, void* base, F&& f) {
+  switch (dtype) {
+    case DType::f32: return f(static_cast<float*>(base));
+    case DType::f64: return f(static_cast<double*>(base));
+    case DType::bf16: return f(static_cast<bf16*>(base));
+    case DType::f16: return f(static_cast<f16*>(base));
+  }
+}
+
+template <class T>
+MSDA_INLINE T stored(double x) {
+  return Storage<T>::store(static_cast<Compute<T>>(x));
+}
+
 // The fused backward's chain rule for one row (n, q, m), right after its samples: grads holds
-// g_a[LP] (d out / d weight) and g_loc[2 LP] (d out / d location); group holds the row's softmax
-// weights, offsets and location scales. Writes the row's logit and offset gradients and, when
-// `partial` is not null, the sums over the row's points of each level's reference-point gradient
-// (partial[l * R + c]). A sample whose g_loc is zero (one zeroed by the range rule) adds nothing:
-// its offset or box size may be infinite, and 0 * inf would be NaN.
+// g_a[LP] (d out / d weight) and g_loc[2 LP] (d out / d location, interleaved x, y); group holds
+// the row's softmax weights and offsets, and the scales d location / d offset. Writes the row's
+// logit and offset gradients and, when `partial` is not null, the sums over the row's points of
+// each level's reference-point gradient (partial[l * R + c]). A sample whose g_loc is zero (one
+// zeroed by the range rule) adds nothing: its offset or box size may be infinite, and 0 * inf
+// would be NaN. The per-element loops are plain vectorizable loops (scalar code here, one
+// conversion and store per element, cost more than the rest of the chain together).
 template <class C>
 MSDA_INLINE void fused_chain(const Params& p, const Group<C>& group, const C* grads, std::int64_t first,
                              double* partial) {
+  constexpr std::int64_t kStep = kLanes<double>;
+  using VD = Vec<double>;
   const std::int64_t L = p.L, P = p.P, LP = L * P, R = p.reference_coords;
   const C* g_a = grads;
   const C* g_loc = grads + LP;
-  double* out = group.chain;
   if (p.grad_logits) {  // softmax backward: a_j (g_j - sum_i a_i g_i)
-    double dot = 0;
-    for (std::int64_t j = 0; j < LP; ++j) dot += group.softmax[j] * static_cast<double>(g_a[j]);
-    for (std::int64_t j = 0; j < LP; ++j) out[j] = group.softmax[j] * (static_cast<double>(g_a[j]) - dot);
-    store_values(p.grad_logits, first, LP, p.problem->weight_dtype, out);
-  }
-  if (p.grad_offsets) {  // d location / d offset: 1 / (W, H), or (w, h) * 0.5 / P
-    for (std::int64_t l = 0, s = 0; l < L; ++l) {
-      const double sx = R == 2 ? 1.0 / p.width_f[l] : group.level_factor_x[l] * 0.5 / static_cast<double>(P);
-      const double sy = R == 2 ? 1.0 / p.height_f[l] : group.level_factor_y[l] * 0.5 / static_cast<double>(P);
-      for (std::int64_t pt = 0; pt < P; ++pt, ++s) {
-        const double gx = g_loc[2 * s], gy = g_loc[2 * s + 1];
-        out[2 * s] = gx == 0 ? 0.0 : gx * sx;
-        out[2 * s + 1] = gy == 0 ? 0.0 : gy * sy;
-      }
+    VD lanes{};
+    std::int64_t j = 0;
+    for (; j + kStep <= LP; j += kStep) {
+      VD g;
+      for (int k = 0; k < kStep; ++k) g[k] = static_cast<double>(g_a[j + k]);
+      lanes += load_compute(group.softmax + j) * g;
     }
-    store_values(p.grad_offsets, 2 * first, 2 * LP, p.problem->location_dtype, out);
+    double dot = reduce_add<double>(lanes);
+    for (; j < LP; ++j) dot += group.softmax[j] * static_cast<double>(g_a[j]);
+    with_storage(p.problem->weight_dtype, p.grad_logits, [&]<class T>(T* dst) {
+      dst += first;
+      for (std::int64_t k = 0; k < LP; ++k) dst[k] = stored<T>(group.softmax[k] * (static_cast<double>(g_a[k]) - dot));
+    });
+  }
+  if (p.grad_offsets) {
+    const C* scale = group.offset_scale;
+    with_storage(p.problem->location_dtype, p.grad_offsets, [&]<class T>(T* dst) {
+      dst += 2 * first;
+      for (std::int64_t k = 0; k < 2 * LP; ++k)
+        dst[k] = Storage<T>::store(static_cast<Compute<T>>(g_loc[k] == 0 ? C(0) : g_loc[k] * scale[k]));
+    });
   }
   if (!partial) return;
   const double half_per_point = 0.5 / static_cast<double>(P);
-  for (std::int64_t l = 0, s = 0; l < L; ++l) {
+  for (std::int64_t l = 0; l < L; ++l) {
+    const C* g = g_loc + 2 * l * P;
     double sum[4] = {0, 0, 0, 0};
-    for (std::int64_t pt = 0; pt < P; ++pt, ++s) {
-      const double gx = g_loc[2 * s], gy = g_loc[2 * s + 1];
-      sum[0] += gx;
-      sum[1] += gy;
-      if (R == 4) {  // d location / d box size = offset * 0.5 / P
-        if (gx != 0) sum[2] += gx * (group.offset_x[s] * half_per_point);
-        if (gy != 0) sum[3] += gy * (group.offset_y[s] * half_per_point);
-      }
+    for (std::int64_t k = 0; k < 2 * P; k += 2) {
+      sum[0] += g[k];
+      sum[1] += g[k + 1];
     }
+    if (R == 4)  // d location / d box size = offset * 0.5 / P
+      for (std::int64_t pt = 0, s = l * P; pt < P; ++pt, ++s) {
+        if (g[2 * pt] != 0) sum[2] += g[2 * pt] * (group.offset_x[s] * half_per_point);
+        if (g[2 * pt + 1] != 0) sum[3] += g[2 * pt + 1] * (group.offset_y[s] * half_per_point);
+      }
     for (std::int64_t c = 0; c < R; ++c) partial[l * R + c] = sum[c];
   }
 }
@@ -683,7 +728,7 @@ MSDA_INLINE void fused_chain(const Params& p, const Group<C>& group, const C* gr
 template <class V, int kD>
 void backward_kernel(const Params& p, const Scratch& scratch) {
   using C = Compute<V>;
-  const std::int64_t D = kD > 0 ? kD : p.D, row_stride = p.M * D, P = p.P, LP = p.L * P;
+  const std::int64_t D = kD > 0 ? kD : p.D, row_stride = p.M * D, P = p.P;
   const std::int64_t levels_per_part = scratch.levels_per_part, level_parts = p.L / levels_per_part;
   const std::int64_t query_parts = scratch.query_parts, bands = scratch.bands;
   const std::int64_t parts_per_nm = level_parts * query_parts * bands;
@@ -700,11 +745,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
     group.row_stride = p.M;  // one head's queries in turn
     C* grads = reinterpret_cast<C*>(mine + scratch.channels_bytes + scratch.group_bytes);  // [3][L*P]
     C* own_rows = reinterpret_cast<C*>(mine + scratch.channels_bytes + scratch.group_bytes + scratch.grads_bytes);
-    for (std::int64_t s = 0; s < LP; ++s) {
-      group.height[s] = p.height_f[s / P];
-      group.width[s] = p.width_f[s / P];
-      group.level_of[s] = s / P;
-    }
+    group.set_levels(p);
 #pragma omp for schedule(static)
     for (std::int64_t part = 0; part < p.N * p.M * parts_per_nm; ++part) {
       const std::int64_t n = part / (p.M * parts_per_nm), m = part / parts_per_nm % p.M, unit = part % parts_per_nm;
@@ -795,7 +836,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
           // the row's gradients are in `grads`, and only the reference-point sums leave the kernel.
           if (want_dots)
             fused_chain(p, group, grads, first,
-                        p.reference_partials ? p.reference_partials + ((n * p.M + m) * p.Q + q) * p.L * p.reference_coords
+                        p.reference_partials ? p.reference_partials + ((n * p.Q + q) * p.M + m) * p.L * p.reference_coords
                                              : nullptr);
           continue;
         }
@@ -820,12 +861,14 @@ MSDA_INLINE void fused_reference_gradients(const Params& p) {
   const std::int64_t LR = p.L * p.reference_coords;
 #pragma omp parallel for num_threads(p.threads) schedule(static)
   for (std::int64_t nq = 0; nq < p.N * p.Q; ++nq) {
-    const std::int64_t n = nq / p.Q, q = nq % p.Q;
-    for (std::int64_t k = 0; k < LR; ++k) {
-      double sum = 0;
-      for (std::int64_t m = 0; m < p.M; ++m) sum += p.reference_partials[((n * p.M + m) * p.Q + q) * LR + k];
-      store_values(p.grad_reference_points, nq * LR + k, 1, p.reference_dtype, &sum);
-    }
+    const double* partials = p.reference_partials + nq * p.M * LR;  // [M, L * R] of this query
+    with_storage(p.reference_dtype, p.grad_reference_points, [&]<class T>(T* dst) {
+      for (std::int64_t k = 0; k < LR; ++k) {
+        double sum = 0;
+        for (std::int64_t m = 0; m < p.M; ++m) sum += partials[m * LR + k];
+        dst[nq * LR + k] = stored<T>(sum);
+      }
+    });
   }
 }
 
