@@ -244,8 +244,7 @@ struct Group {
   double* rows;
   std::int64_t rows_first = -1, rows_stride = 1, rows_count = 0, row_stride = 1;
   const double* softmax = nullptr;  // the current row's weights before the range rule zeroes any
-  double* chain;  // [2 capacity]: the fused backward's gradients of one row before their conversion
-  static_assert(15 * sizeof(double) + kRows * sizeof(double) + 7 * sizeof(std::int64_t) + 6 * sizeof(C) <=
+  static_assert(13 * sizeof(double) + kRows * sizeof(double) + 7 * sizeof(std::int64_t) + 6 * sizeof(C) <=
                 kGroupBytesPerSample);
 
   MSDA_INLINE Group(std::byte* memory, std::int64_t cap) : capacity(cap) {
@@ -269,7 +268,6 @@ struct Group {
     offset_x = level_factor_y + 3 * cap;  // offset_scale: 2 * cap values of C, at most 2 * cap doubles
     offset_y = offset_x + cap;
     rows = offset_y + cap;
-    chain = rows + kRows * cap;
     // Padding lanes (past the samples of a group) hold a harmless finite sample.
     for (std::int64_t s = 0; s < cap; ++s) {
       x[s] = y[s] = a[s] = 0;
@@ -666,8 +664,8 @@ MSDA_INLINE T stored(double x) {
 // logit and offset gradients and, when `partial` is not null, the sums over the row's points of
 // each level's reference-point gradient (partial[l * R + c]). A sample whose g_loc is zero (one
 // zeroed by the range rule) adds nothing: its offset or box size may be infinite, and 0 * inf
-// would be NaN. The per-element loops are plain vectorizable loops (scalar code here, one
-// conversion and store per element, cost more than the rest of the chain together).
+// would be NaN. The per-element loops are plain vectorizable loops: scalar code here (a
+// conversion and a store per element) cost more than the rest of the chain together.
 template <class C>
 MSDA_INLINE void fused_chain(const Params& p, const Group<C>& group, const C* grads, std::int64_t first,
                              double* partial) {
