@@ -73,8 +73,6 @@ Params make_params(const Problem& problem, const void* value, const void* locati
   }
   params.location_bytes = size_of(problem.location_dtype);
   params.weight_bytes = size_of(problem.weight_dtype);
-  params.grad_location_dtype = problem.location_dtype;
-  params.grad_weight_dtype = problem.weight_dtype;
   params.value = value;
   params.locations = locations;
   params.weights = weights;

@@ -26,9 +26,6 @@ struct Params {
   void* grad_weights = nullptr;
 
   std::size_t location_bytes = 4, weight_bytes = 4;  // element sizes of sampling_locations, weights
-  // The dtypes grad_locations and grad_weights are stored in: the problem's, or (fused backward)
-  // the compute type of the per-sample scratch the kernel hands to the chain rule.
-  DType grad_location_dtype = DType::f32, grad_weight_dtype = DType::f32;
 
   // The fused op: `locations` points at sampling_offsets and `weights` at attention_logits (the
   // same layouts and element counts), and the kernels turn them into locations and softmax

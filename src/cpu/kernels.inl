@@ -838,8 +838,8 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
                                              : nullptr);
           continue;
         }
-        if (p.grad_weights) store_values(p.grad_weights, first, count, p.grad_weight_dtype, grads);
-        if (p.grad_locations) store_values(p.grad_locations, 2 * first, 2 * count, p.grad_location_dtype, grads + count);
+        if (p.grad_weights) store_values(p.grad_weights, first, count, p.problem->weight_dtype, grads);
+        if (p.grad_locations) store_values(p.grad_locations, 2 * first, 2 * count, p.problem->location_dtype, grads + count);
       }
       if (acc)
         for (std::int64_t r = 0; r < rows; ++r) {
