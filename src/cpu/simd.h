@@ -117,8 +117,9 @@ MSDA_INLINE Vec<double> floor_lanes(Vec<double> x) {
 
 // v as computed, kept from being fused with what follows (FMA contraction): a product that
 // goes through here is rounded before a following addition, as the reference backend rounds it.
-// An empty asm that claims to change the register is the one barrier GCC and Clang both respect
-// (Clang ignores __builtin_assoc_barrier's GCC meaning); without FMA there is nothing to prevent.
+// The empty asm claims to change the register, so the compiler cannot see the product through
+// it (GCC's __builtin_assoc_barrier only promises to stop reassociation); without FMA there is
+// nothing to prevent.
 template <class T>
 MSDA_INLINE T rounded(T v) {
 #if defined(MSDA_X86) && defined(__FMA__)
