@@ -14,8 +14,8 @@ published sizes (d_model 256, 8 heads, 4 levels, 4 points), float32, in one run:
 (c) the op alone: ms_deform_attn_fused against ms_deform_attn fed locations and weights computed
     beforehand (their cost not counted), forward and forward+backward (all gradients).
 
-Times are medians of --repeats calls after --warmup, all in one run (the machine may be shared:
-compare within a table). --quick runs a small pyramid once, checks that the fused and unfused
+Times are medians of --repeats calls after --warmup, all in one run, the variants of a table
+called in turn in every round (the machine may be shared: compare within a table). --quick runs a small pyramid once, checks that the fused and unfused
 outputs agree, and exits 1 if they do not (a smoke test).
 
     PYTHONPATH=build/python .venv/bin/python bench/fused_bench.py [--repeats 9] [--threads 2]
@@ -49,15 +49,19 @@ def cpu_model():
     return platform.processor() or "unknown CPU"
 
 
-def median_ms(fn, repeats, warmup):
+def medians_ms(fns, repeats, warmup):
+    """Median ms of each function, called in turn in every round (not all repeats of one, then
+    the next): load from other work on the machine then falls on all of them alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+        for fn, t in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(t) for t in times]
 
 
 def pyramid(levels, d_model, seed=0):
@@ -151,25 +155,25 @@ def bench_layer(inputs, repeats, warmup):
     attn = trained_like(msda.MSDeformAttn(256, len(shapes), 8, 4))
     grad = torch.randn(src.shape)
     query = src + pos
-    results, outputs = {}, {}
-    for kernel in ("msda", "msda-unfused"):
+
+    def forward(kernel):
         attn.kernel = kernel
+        with torch.no_grad():
+            return attn(query, ref, src, shapes, starts)
 
-        def forward():
-            with torch.no_grad():
-                return attn(query, ref, src, shapes, starts)
+    def forward_backward(kernel):
+        attn.kernel = kernel
+        x = src.detach().requires_grad_()
+        out = attn(query, ref, x, shapes, starts)
+        out.backward(grad)
+        attn.zero_grad(set_to_none=True)
+        return out.detach()
 
-        def forward_backward():
-            x = src.detach().requires_grad_()
-            out = attn(query, ref, x, shapes, starts)
-            out.backward(grad)
-            attn.zero_grad(set_to_none=True)
-            return out.detach()
-
-        outputs[kernel] = forward()
-        results[kernel] = (median_ms(forward, repeats, warmup), median_ms(forward_backward, repeats, warmup))
-    diff = (outputs["msda"] - outputs["msda-unfused"]).abs().max().item()
-    return results, diff
+    diff = (forward("msda") - forward("msda-unfused")).abs().max().item()
+    kernels = ("msda", "msda-unfused")
+    times = medians_ms([lambda k=k: forward(k) for k in kernels] + [lambda k=k: forward_backward(k) for k in kernels],
+                       repeats, warmup)
+    return {"msda": (times[0], times[2]), "msda-unfused": (times[1], times[3])}, diff
 
 
 def profile_layer(inputs, repeats):
@@ -223,12 +227,13 @@ def bench_encoder(inputs, repeats, warmup, layers):
         out.square().mean().backward()
         optimizer.step()
 
-    set_kernel(model, "msda")
-    fused = median_ms(step, repeats, warmup)
-    set_kernel(model, "msda-unfused")
-    unfused = median_ms(step, repeats, warmup)
-    with sampling_replaced_by_noop():
-        floor = median_ms(step, repeats, warmup)
+    def step_with(kernel, noop=False):
+        set_kernel(model, kernel)
+        with sampling_replaced_by_noop() if noop else contextlib.nullcontext():
+            step()
+
+    fused, unfused, floor = medians_ms([lambda: step_with("msda"), lambda: step_with("msda-unfused"),
+                                        lambda: step_with("msda-unfused", noop=True)], repeats, warmup)
     set_kernel(model, "msda")
     return fused, unfused, floor
 
@@ -266,8 +271,9 @@ def bench_op(levels, repeats, warmup):
 
     with torch.no_grad():
         diff = (run(True, False) - run(False, False)).abs().max().item()
-    return {(fused, backward): median_ms(lambda: run(fused, backward), repeats, warmup)
-            for fused in (True, False) for backward in (False, True)}, diff
+    variants = [(fused, backward) for fused in (True, False) for backward in (False, True)]
+    times = medians_ms([lambda v=v: run(*v) for v in variants], repeats, warmup)
+    return dict(zip(variants, times)), diff
 
 
 def main(argv=None):
