@@ -317,9 +317,9 @@ def parse_args(argv):
         prog="python -m msda.bench", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__,
         epilog="workloads: " + ", ".join(f"{w.name} ({w.model})" for w in NAMED) +
-               "\n\nexamples:\n  /usr/bin/python3 -m msda.bench --quick\n"
-               "  /usr/bin/python3 -m msda.bench --workloads ddetr-enc bev-sca --dtype bfloat16 --threads 2\n"
-               "  /usr/bin/python3 -m msda.bench --shape 'N=2,Q=1000,M=8,D=64,P=4,levels=64x64+32x32,"
+               "\n\nexamples:\n  .venv/bin/python -m msda.bench --quick\n"
+               "  .venv/bin/python -m msda.bench --workloads ddetr-enc bev-sca --dtype bfloat16 --threads 2\n"
+               "  .venv/bin/python -m msda.bench --shape 'N=2,Q=1000,M=8,D=64,P=4,levels=64x64+32x32,"
                "locations=random'")
     parser.add_argument("--workloads", nargs="+", metavar="NAME", help="named workloads to run (default: all)")
     parser.add_argument("--shape", action="append", default=[], metavar="SPEC",
