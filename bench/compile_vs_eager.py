@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import msda
+from msda.bench import cpu_model
 
 
 class EncoderLayer(nn.Module):
@@ -78,15 +79,6 @@ def timed(fn, repeats):
     return out, first, statistics.median(times)
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv=None):

@@ -32,21 +32,13 @@ import torch
 from torch import nn
 
 import msda
+from msda.bench import cpu_model
 import msda.modules
 
 LEVELS = [(100, 134), (50, 67), (25, 34), (13, 17)]
 QUICK_LEVELS = [(16, 20), (8, 10)]
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def medians_ms(fns, repeats, warmup):

@@ -45,17 +45,9 @@ import time
 import torch
 
 import msda
+from msda.bench import cpu_model
 
 
-def _cpu():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _resnet(transformers, quick, stages, config_class=None):
@@ -243,7 +235,7 @@ def main(argv=None):
     transformers.logging.set_verbosity_error()  # the ResNet-backbone notice of Mask2Former
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
-    print(f"{_cpu()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+    print(f"{cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, float32, batch {args.batch}, median of {args.repeats}"
           + (" (--quick: tiny models)" if args.quick else ""))
     rows = []

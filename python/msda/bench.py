@@ -221,17 +221,21 @@ def run_workload(w, args, dtype, progress, paths=PATHS):
     return rows
 
 
-def _machine():
-    model = platform.processor() or "unknown CPU"
+def cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo), for every benchmark's header line."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()}
+    return platform.processor() or "unknown CPU"
+
+
+def _machine():
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version()}
 
 
 def format_table(rows):
