@@ -79,8 +79,6 @@ def timed(fn, repeats):
     return out, first, statistics.median(times)
 
 
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=1)

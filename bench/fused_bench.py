@@ -39,8 +39,6 @@ LEVELS = [(100, 134), (50, 67), (25, 34), (13, 17)]
 QUICK_LEVELS = [(16, 20), (8, 10)]
 
 
-
-
 def medians_ms(fns, repeats, warmup):
     """Median ms of each function, called in turn in every round (not all repeats of one, then
     the next): load from other work on the machine then falls on all of them alike."""

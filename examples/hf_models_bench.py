@@ -48,8 +48,6 @@ import msda
 from msda.bench import cpu_model
 
 
-
-
 def _resnet(transformers, quick, stages, config_class=None):
     config_class = config_class or transformers.ResNetConfig
     if quick:
