@@ -172,9 +172,9 @@ void backward_fused(const Problem& problem, const FusedInputs& inputs, const voi
   const Counts n = counts(problem);
   require_pointer(grad_output, n.output, "grad_output");
   if (n.samples == 0) {
-    // As in backward(): no sample, so grad_value is zeros and the other gradients are empty
-    // (reference_points has N*Q*L*coords elements, zero too when N or Q is; when only M is
-    // zero no sample moves it, so its gradient is zero).
+    // As in backward(): no sample (N, Q or M is 0), so grad_value is zeros and the offsets and
+    // logits are empty. reference_points is empty too unless only M is 0: then no sample moves
+    // it, and its gradient is zeros.
     if (gradients.value && n.value > 0)
       std::memset(gradients.value, 0, static_cast<std::size_t>(n.value) * size_of(problem.value_dtype));
     const std::int64_t refs = problem.batch * problem.queries * problem.num_levels() * problem.reference_coords;

@@ -189,8 +189,9 @@ void backward(const Problem& problem, const Inputs& inputs, const void* grad_out
               const Gradients& gradients, const Options& options = {});
 
 // The fused op: output = MSDA(value, locations, softmax(attention_logits)) with the locations
-// computed from reference_points and sampling_offsets (SPEC "The fused op"); the locations and
-// weights exist only inside the kernels. Validates with validate_fused; throws Error on bad input.
+// computed from reference_points and sampling_offsets (SPEC "The fused op"); the cpu backend's
+// locations and weights exist only inside its kernels. Validates with validate_fused; throws
+// Error on bad input.
 void forward_fused(const Problem& problem, const FusedInputs& inputs, void* output, const Options& options = {});
 
 // The gradients of sum(grad_output * output) with respect to the four inputs, deterministic like
