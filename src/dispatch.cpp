@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "cpu/cpu.h"
+#include "cuda/cuda.h"
 #include "msda/msda.h"
 #include "params.h"
 #include "reference/reference.h"
@@ -21,8 +22,13 @@ Backend resolve_backend(Backend requested) {
     case Backend::automatic:
     case Backend::cpu: return Backend::cpu;
     case Backend::reference: return Backend::reference;
+    case Backend::cuda:
+      if (!cuda::built())
+        throw Error("options.backend", "a backend this build has (msda was built without CUDA: CMake found no nvcc)",
+                    "cuda");
+      return Backend::cuda;
   }
-  throw Error("options.backend", "automatic, reference or cpu",
+  throw Error("options.backend", "automatic, reference, cpu or cuda",
               std::to_string(static_cast<int>(requested)));
 }
 
@@ -84,6 +90,7 @@ Params make_params(const Problem& problem, const void* value, const void* locati
   params.stage_value = options.tuning.stage_value;
   params.level_parts = options.tuning.level_parts;
   if (options.tuning.accumulator_budget > 0) params.accumulator_budget = options.tuning.accumulator_budget;
+  params.cuda = options.cuda;
   return params;
 }
 
@@ -116,7 +123,42 @@ Params prepare_fused(const Problem& problem, const FusedInputs& inputs, const Op
   return params;
 }
 
+// Zeros of a gradient, where the backend keeps its memory.
+void zero(const Params& params, void* pointer, std::size_t bytes) {
+  if (params.backend == Backend::cuda) return cuda::fill_zeros(params, pointer, bytes);
+  std::memset(pointer, 0, bytes);
+}
+
 }  // namespace
+
+bool cuda_built() noexcept { return cuda::built(); }
+bool cuda_available() noexcept { return cuda::available(); }
+
+std::size_t workspace_size(const Problem& problem, Pass pass, const Options& options) {
+  const bool fused = pass == Pass::forward_fused || pass == Pass::backward_fused;
+  const bool backward = pass == Pass::backward || pass == Pass::backward_fused;
+  if (fused)
+    validate_fused(problem);
+  else
+    validate(problem);
+  check_tuning(options);
+  Params params = make_params(problem, nullptr, nullptr, nullptr, options);
+  if (params.backend != Backend::cuda) return 0;
+  params.fused = fused;
+  params.reference_coords = problem.reference_coords;
+  params.reference_dtype = problem.reference_dtype;
+  if (backward) {
+    // Every gradient wanted: the most a backward of this problem can need.
+    static char wanted;
+    params.grad_value = &wanted;
+    if (fused) {
+      params.grad_reference_points = params.grad_offsets = params.grad_logits = &wanted;
+    } else {
+      params.grad_locations = params.grad_weights = &wanted;
+    }
+  }
+  return cuda::workspace_size(params, backward);
+}
 
 void forward(const Problem& problem, const Inputs& inputs, void* output, const Options& options) {
   Params params = prepare(problem, inputs, options);
@@ -126,6 +168,7 @@ void forward(const Problem& problem, const Inputs& inputs, void* output, const O
   params.output = output;
   switch (params.backend) {
     case Backend::reference: return reference::forward(params);
+    case Backend::cuda: return cuda::forward(params);
     default: return cpu::forward(params);
   }
 }
@@ -141,7 +184,7 @@ void backward(const Problem& problem, const Inputs& inputs, const void* grad_out
     // scratch sizes (which scale with L*P) from being computed for a P that only an empty
     // tensor can have.
     if (gradients.value && n.value > 0)
-      std::memset(gradients.value, 0, static_cast<std::size_t>(n.value) * size_of(problem.value_dtype));
+      zero(params, gradients.value, static_cast<std::size_t>(n.value) * size_of(problem.value_dtype));
     return;
   }
   params.grad_output = grad_output;
@@ -150,6 +193,7 @@ void backward(const Problem& problem, const Inputs& inputs, const void* grad_out
   params.grad_weights = gradients.attention_weights;
   switch (params.backend) {
     case Backend::reference: return reference::backward(params);
+    case Backend::cuda: return cuda::backward(params);
     default: return cpu::backward(params);
   }
 }
@@ -162,6 +206,7 @@ void forward_fused(const Problem& problem, const FusedInputs& inputs, void* outp
   params.output = output;
   switch (params.backend) {
     case Backend::reference: return reference::forward_fused(params);
+    case Backend::cuda: return cuda::forward(params);  // the kernels see params.fused
     default: return cpu::forward(params);  // the kernels' loads see params.fused
   }
 }
@@ -176,10 +221,10 @@ void backward_fused(const Problem& problem, const FusedInputs& inputs, const voi
     // logits are empty. reference_points is empty too unless only M is 0: then no sample moves
     // it, and its gradient is zeros.
     if (gradients.value && n.value > 0)
-      std::memset(gradients.value, 0, static_cast<std::size_t>(n.value) * size_of(problem.value_dtype));
+      zero(params, gradients.value, static_cast<std::size_t>(n.value) * size_of(problem.value_dtype));
     const std::int64_t refs = problem.batch * problem.queries * problem.num_levels() * problem.reference_coords;
     if (gradients.reference_points && refs > 0)
-      std::memset(gradients.reference_points, 0, static_cast<std::size_t>(refs) * size_of(problem.reference_dtype));
+      zero(params, gradients.reference_points, static_cast<std::size_t>(refs) * size_of(problem.reference_dtype));
     return;
   }
   params.grad_output = grad_output;
@@ -189,6 +234,7 @@ void backward_fused(const Problem& problem, const FusedInputs& inputs, const voi
   params.grad_logits = gradients.attention_logits;
   switch (params.backend) {
     case Backend::reference: return reference::backward_fused(params);
+    case Backend::cuda: return cuda::backward(params);
     default: return cpu::backward_fused(params);
   }
 }

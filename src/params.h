@@ -49,6 +49,7 @@ struct Params {
   bool stage_value = false;       // cpu forward: gather from a padded head-major copy of value
   bool level_parts = false;       // cpu backward: one level per part even with enough (n, m) pairs
   std::int64_t accumulator_budget = std::int64_t(64) << 20;  // cpu backward: bytes per part's rows
+  CudaOptions cuda;  // cuda backend: stream, caller's workspace, deterministic backward
 
   // The padded head-major layout of value (cpu backend): for each (n, m), level l occupies
   // (H_l + 2) x (W_l + 2) rows of D from padded_start[l], with a ring of zero rows around the

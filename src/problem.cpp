@@ -86,6 +86,7 @@ std::string_view name(Backend backend) noexcept {
     case Backend::automatic: return "automatic";
     case Backend::reference: return "reference";
     case Backend::cpu: return "cpu";
+    case Backend::cuda: return "cuda";
   }
   return "unknown backend";
 }

@@ -105,11 +105,17 @@ Problem describe_fused(const FusedTensorSizes& sizes, const std::int64_t* spatia
                        DType offset_dtype, DType logit_dtype);
 
 enum class Backend : std::uint8_t {
-  automatic,  // the fastest backend available for the problem (today: cpu)
+  automatic,  // the fastest backend for host memory (today: cpu); never cuda, which needs asking
   reference,  // scalar loops that read like SPEC, double accumulation; the tests' oracle
   cpu,        // multi-threaded CPU kernels
+  cuda,       // NVIDIA GPUs: every pointer is device memory, work goes on options.cuda.stream
 };
 std::string_view name(Backend backend) noexcept;
+
+// Whether this build has the cuda backend (CMake found nvcc), and whether it can run now (a
+// CUDA device is visible). Asking for Backend::cuda in a build without it is an Error.
+bool cuda_built() noexcept;
+bool cuda_available() noexcept;
 
 // The instruction set of the cpu backend's kernels. `best` is the widest this CPU supports;
 // asking for one it or the build lacks (an Arm one on x86, or the reverse) is an Error. Results
@@ -145,12 +151,34 @@ struct CpuTuning {
   std::int64_t accumulator_budget = 0;
 };
 
+// The cuda backend's settings. Its calls are asynchronous: they enqueue kernels on `stream` and
+// return; the results are there once the stream reaches them.
+struct CudaOptions {
+  void* stream = nullptr;  // a cudaStream_t (kept void* so this header needs no CUDA); null: the legacy default stream
+  // Device scratch of at least workspace_size() bytes, owned by the caller (a framework passes
+  // its caching allocator's memory), or null: msda allocates and frees it stream-ordered
+  // (cudaMallocAsync).
+  void* workspace = nullptr;
+  std::size_t workspace_bytes = 0;
+  // true: grad_value is a gather over the samples bucketed by the pixel they touch, in an order
+  // fixed by a stable sort, so the backward is bitwise reproducible. false: float atomicAdd
+  // scatters, whose order (and so rounding) varies from run to run; an ablation, not a default.
+  bool deterministic = true;
+};
+
 struct Options {
   int threads = 0;  // 0: OpenMP's default (omp_get_max_threads); results never depend on it
   Backend backend = Backend::automatic;
   Isa isa = Isa::best;  // cpu backend only
   CpuTuning tuning;     // cpu backend only
+  CudaOptions cuda;     // cuda backend only
 };
+
+// The device scratch the cuda backend needs for one call (0 for the other backends): the level
+// table, and for the backward the sample buckets and the sort's buffers. Throws Error on a bad
+// problem; needs a CUDA device for the backward (the sort sizes its own scratch per device).
+enum class Pass : std::uint8_t { forward, backward, forward_fused, backward_fused };
+std::size_t workspace_size(const Problem& problem, Pass pass, const Options& options = {});
 
 struct Inputs {
   const void* value = nullptr;
