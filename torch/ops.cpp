@@ -3,7 +3,11 @@
 #include "ops.h"
 
 #include <ATen/Parallel.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <c10/util/Exception.h>
+
+#include <atomic>
 
 #include <string>
 #include <vector>
@@ -25,10 +29,12 @@ DType dtype_of(const at::Tensor& t, const char* argument) {
   }
 }
 
+// The shapes are read on the host (the core checks them before any kernel runs): for CUDA
+// tensors that is a small device-to-host copy, which waits for the stream.
 at::Tensor index_tensor(const at::Tensor& t, const char* argument) {
   if (t.scalar_type() != at::kLong && t.scalar_type() != at::kInt)
     throw Error(argument, "an integer tensor (int64 or int32)", str(t.scalar_type()));
-  return t.to(at::kLong).contiguous();
+  return t.to(at::kCPU, at::kLong).contiguous();
 }
 
 // Devices (all value's, and one msda has a kernel for) and the defined-ness of every tensor.
@@ -38,8 +44,11 @@ void check_devices(const at::Tensor& value, std::initializer_list<std::pair<cons
     if (t->device() != value.device())
       throw Error(argument, "the device of value (" + value.device().str() + ")", t->device().str());
   }
-  if (!value.device().is_cpu())
-    throw Error("value", "a CPU tensor (msda has no kernel for this device yet)", value.device().str());
+  if (value.device().is_cuda() && !cuda_built())
+    throw Error("value", "a CPU tensor (this msda was built without its CUDA backend: CMake found no nvcc)",
+                value.device().str());
+  if (!value.device().is_cpu() && !value.device().is_cuda())
+    throw Error("value", "a CPU or CUDA tensor (msda has no kernel for this device)", value.device().str());
 }
 
 struct Prepared {
@@ -120,11 +129,32 @@ at::Tensor gradient_for(const at::Tensor& input, bool wanted) {
 
 void* pointer_if(at::Tensor& t, bool wanted) { return wanted ? t.data_ptr() : nullptr; }
 
-Options options() {
-  Options o;
-  o.threads = at::get_num_threads();  // follows torch.set_num_threads, like torch's own ops
-  return o;
-}
+std::atomic<bool> cuda_deterministic{true};
+
+// How one call runs: on the CPU with torch's thread count, or on value's CUDA device, on the
+// current stream, with scratch from torch's caching allocator (which keeps it until the stream
+// is past the call's kernels).
+class Runner {
+ public:
+  Runner(const at::Tensor& value, const Problem& problem, Pass pass) : guard_(value.device()) {
+    options_.threads = at::get_num_threads();  // follows torch.set_num_threads, like torch's own ops
+    if (!value.is_cuda()) return;
+    options_.backend = Backend::cuda;
+    options_.cuda.stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(value.device()).native_handle();
+    options_.cuda.deterministic = cuda_deterministic.load();
+    const std::size_t bytes = workspace_size(problem, pass, options_);
+    if (bytes == 0) return;
+    workspace_ = at::empty({static_cast<int64_t>(bytes)}, value.options().dtype(at::kByte));
+    options_.cuda.workspace = workspace_.data_ptr();
+    options_.cuda.workspace_bytes = bytes;
+  }
+  const Options& options() const { return options_; }
+
+ private:
+  c10::DeviceGuard guard_;
+  Options options_;
+  at::Tensor workspace_;
+};
 
 // msda::Error becomes c10::ValueError (Python ValueError) with the core's message.
 template <class F>
@@ -138,6 +168,9 @@ auto translating_errors(F&& f) {
 
 }  // namespace
 
+bool set_cuda_deterministic(bool deterministic) { return cuda_deterministic.exchange(deterministic); }
+bool cuda_built() { return msda::cuda_built(); }
+
 at::Tensor forward(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
                    const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
                    c10::optional<int64_t> /*im2col_step: accepted for compatibility, no rule attached*/) {
@@ -145,8 +178,9 @@ at::Tensor forward(const at::Tensor& value, const at::Tensor& spatial_shapes, co
     Prepared p = prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
     const Problem& pr = p.problem;
     at::Tensor output = at::empty({pr.batch, pr.queries, pr.heads * pr.channels}, p.value.options());
+    const Runner run(value, pr, Pass::forward);
     msda::forward(pr, {p.value.data_ptr(), p.locations.data_ptr(), p.weights.data_ptr()}, output.data_ptr(),
-                  options());
+                  run.options());
     return output;
   });
 }
@@ -166,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
     msda::backward(p.problem, {p.value.data_ptr(), p.locations.data_ptr(), p.weights.data_ptr()}, g.data_ptr(),
                    {pointer_if(grad_value, output_mask[0]), pointer_if(grad_locations, output_mask[1]),
                     pointer_if(grad_weights, output_mask[2])},
-                   options());
+                   Runner(value, p.problem, Pass::backward).options());
     return std::make_tuple(grad_value, grad_locations, grad_weights);
   });
 }
@@ -179,7 +213,8 @@ at::Tensor fused_forward(const at::Tensor& value, const at::Tensor& spatial_shap
                                           sampling_offsets, attention_logits);
     const Problem& pr = p.problem;
     at::Tensor output = at::empty({pr.batch, pr.queries, pr.heads * pr.channels}, p.value.options());
-    msda::forward_fused(pr, p.inputs(), output.data_ptr(), options());
+    const Runner run(value, pr, Pass::forward_fused);
+    msda::forward_fused(pr, p.inputs(), output.data_ptr(), run.options());
     return output;
   });
 }
@@ -199,7 +234,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward(
     msda::backward_fused(p.problem, p.inputs(), g.data_ptr(),
                          {pointer_if(grad_value, output_mask[0]), pointer_if(grad_reference, output_mask[1]),
                           pointer_if(grad_offsets, output_mask[2]), pointer_if(grad_logits, output_mask[3])},
-                         options());
+                         Runner(value, p.problem, Pass::backward_fused).options());
     return std::make_tuple(grad_value, grad_reference, grad_offsets, grad_logits);
   });
 }

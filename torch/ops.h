@@ -34,4 +34,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward(
     const at::Tensor& level_start_index, const at::Tensor& reference_points, const at::Tensor& sampling_offsets,
     const at::Tensor& attention_logits, std::array<bool, 4> output_mask);
 
+// The cuda backend's grad_value: deterministic (default) or float atomics (an ablation). Returns
+// the previous setting; it applies to every later CUDA backward of the process.
+bool set_cuda_deterministic(bool deterministic);
+// Whether this build has the cuda backend.
+bool cuda_built();
+
 }  // namespace msda::torch_ops

@@ -167,11 +167,24 @@ TORCH_LIBRARY(msda, m) {
       "ms_deform_attn_fused_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
       "Tensor level_start_index, Tensor reference_points, Tensor sampling_offsets, Tensor attention_logits, "
       "bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Process-wide switches and facts, no tensors: catch-all kernels.
+  m.def("_set_cuda_deterministic(bool deterministic) -> bool", &msda::torch_ops::set_cuda_deterministic);
+  m.def("_cuda_built() -> bool", &msda::torch_ops::cuda_built);
 }
 
 // CompositeExplicitAutograd: one kernel for every device, so a tensor on a device msda has no
 // kernel for gets msda's own error naming the argument, not a dispatcher error.
 TORCH_LIBRARY_IMPL(msda, CompositeExplicitAutograd, m) {
+  m.impl("ms_deform_attn", &msda::torch_ops::forward);
+  m.impl("ms_deform_attn_backward", &msda::torch_ops::backward);
+  m.impl("ms_deform_attn_fused", &msda::torch_ops::fused_forward);
+  m.impl("ms_deform_attn_fused_backward", &msda::torch_ops::fused_backward);
+}
+
+// CUDA tensors run the same kernels, which pick the cuda backend from value's device; an explicit
+// CUDA registration keeps the dispatcher's CUDA key pointing at msda even where a backend-specific
+// fallback would otherwise be preferred.
+TORCH_LIBRARY_IMPL(msda, CUDA, m) {
   m.impl("ms_deform_attn", &msda::torch_ops::forward);
   m.impl("ms_deform_attn_backward", &msda::torch_ops::backward);
   m.impl("ms_deform_attn_fused", &msda::torch_ops::fused_forward);

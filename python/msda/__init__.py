@@ -1,4 +1,4 @@
-"""msda: multi-scale deformable attention (Deformable DETR's MSDeformAttn), fast on the CPU.
+"""msda: multi-scale deformable attention (Deformable DETR's MSDeformAttn), on the CPU and on NVIDIA GPUs.
 
     import msda
     out = msda.ms_deform_attn(value, spatial_shapes, level_start_index,
@@ -11,9 +11,10 @@ sampling_offsets, attention_logits) computes the locations and the softmax insid
 """
 from ._build_info import version as __version__
 from ._library import library_path
-from .functional import ms_deform_attn, ms_deform_attn_fused, ms_deform_attn_pytorch
+from .functional import (cuda_available, cuda_built, ms_deform_attn, ms_deform_attn_fused, ms_deform_attn_pytorch,
+                         set_cuda_deterministic)
 from .modules import MSDeformAttn
 from .integrations.transformers import patch
 
 __all__ = ["ms_deform_attn", "ms_deform_attn_fused", "ms_deform_attn_pytorch", "MSDeformAttn", "patch", "library_path",
-           "__version__"]
+           "cuda_built", "cuda_available", "set_cuda_deterministic", "__version__"]

@@ -71,3 +71,21 @@ def ms_deform_attn_pytorch(value: torch.Tensor, spatial_shapes: torch.Tensor, sa
     weights = attention_weights.transpose(1, 2).reshape(n * m, 1, q, num_levels * p).to(value.dtype)
     out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)
     return out.view(n, m * d, q).transpose(1, 2).contiguous()
+
+
+def cuda_built() -> bool:
+    """Whether this msda has its CUDA backend (CMake found nvcc when it was built)."""
+    return bool(torch.ops.msda._cuda_built())
+
+
+def cuda_available() -> bool:
+    """Whether msda's ops run on CUDA tensors here: the CUDA backend is built and torch sees a GPU."""
+    return cuda_built() and torch.cuda.is_available()
+
+
+def set_cuda_deterministic(deterministic: bool) -> bool:
+    """Chooses how the CUDA backward computes grad_value, for every later call of the process, and
+    returns the previous choice. True (the default): a gather over the samples bucketed by pixel,
+    bitwise identical from run to run. False: float atomicAdd scatters, whose summation order and
+    so whose rounding vary between runs; kept as an ablation for benchmarks."""
+    return bool(torch.ops.msda._set_cuda_deterministic(bool(deterministic)))
