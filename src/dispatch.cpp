@@ -144,6 +144,9 @@ std::size_t workspace_size(const Problem& problem, Pass pass, const Options& opt
   check_tuning(options);
   Params params = make_params(problem, nullptr, nullptr, nullptr, options);
   if (params.backend != Backend::cuda) return 0;
+  // Empty problems launch nothing (forward and backward return before the backend).
+  const Counts n = counts(problem);
+  if ((backward ? n.samples : n.output) == 0) return 0;
   params.fused = fused;
   params.reference_coords = problem.reference_coords;
   params.reference_dtype = problem.reference_dtype;

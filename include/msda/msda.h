@@ -155,9 +155,9 @@ struct CpuTuning {
 // return; the results are there once the stream reaches them.
 struct CudaOptions {
   void* stream = nullptr;  // a cudaStream_t (kept void* so this header needs no CUDA); null: the legacy default stream
-  // Device scratch of at least workspace_size() bytes, owned by the caller (a framework passes
-  // its caching allocator's memory), or null: msda allocates and frees it stream-ordered
-  // (cudaMallocAsync).
+  // Device scratch of at least workspace_size() bytes, aligned to 256 bytes (as cudaMalloc's and
+  // torch's allocations are), owned by the caller (a framework passes its caching allocator's
+  // memory), or null: msda allocates and frees it stream-ordered (cudaMallocAsync).
   void* workspace = nullptr;
   std::size_t workspace_bytes = 0;
   // true: grad_value is a gather over the samples bucketed by the pixel they touch, in an order

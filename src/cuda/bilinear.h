@@ -53,6 +53,15 @@ MSDA_HD A corner_weight(const Corners<A>& c, int dh, int dw) {
   return (dh ? c.lh : c.hh) * (dw ? c.lw : c.hw);
 }
 
+// What the deterministic grad_value keeps of an in-range sample between bucketing and gathering:
+// its interpolation fractions, weight, and the head (row of grad_output, in units of D) it reads.
+// The bucket already says which corner a pixel is, so the gather never recomputes a floor.
+template <class A>
+struct Place {
+  A lh, lw, a;
+  std::int64_t head;
+};
+
 // A sample index (((n*Q + q)*M + m)*L + l)*P + p split into its head index (n*Q + q)*M + m (the
 // row of grad_output it reads, in units of D) and its level.
 struct SampleSite {

@@ -93,7 +93,7 @@ Workspace plan_workspace(const Params& params, bool backward, std::size_t sort_s
     if (params.cuda.deterministic) {
       const BucketPlan plan = plan_buckets(params);
       const std::size_t index = plan.wide ? 8 : 4;
-      w.samples = carve.take(count(samples) * 4 * real);
+      w.samples = carve.take(count(samples) * (real == 8 ? sizeof(Place<double>) : sizeof(Place<float>)));
       for (int b = 0; b < 2; ++b) {
         w.keys[b] = carve.take(count(samples) * index);
         w.ids[b] = carve.take(count(samples) * index);

@@ -79,7 +79,7 @@ struct Region {
 struct Workspace {
   Region levels;              // LevelGeometry[L]
   Region softmax;             // fused: per (n, q, m) {max logit, 1 / sum of exp} in the math type
-  Region samples;             // deterministic grad_value: per sample {u, v, a, -} in the math type
+  Region samples;             // deterministic grad_value: a Place per sample (bilinear.h)
   Region keys[2], ids[2];     // deterministic grad_value: the radix sort's double buffers
   Region segments;            // deterministic grad_value: buckets + 1 sample positions
   Region sort_scratch;        // deterministic grad_value: the sort's own scratch
