@@ -11,6 +11,7 @@
 #include <stdexcept>
 
 #include "cuda/plan.h"
+#include "cuda_emulation/emulated_backend.h"
 #include "params.h"
 #include "test_support.h"
 
@@ -22,26 +23,7 @@ using msda::cuda::Region;
 using msda::cuda::Workspace;
 using namespace msda_test;
 
-// The Params fields the planning reads, as dispatch.cpp fills them.
-msda::Params params_of(const msda::Problem& problem) {
-  msda::Params p;
-  p.problem = &problem;
-  p.N = problem.batch;
-  p.S = problem.value_len;
-  p.M = problem.heads;
-  p.D = problem.channels;
-  p.Q = problem.queries;
-  p.L = problem.num_levels();
-  p.P = problem.points;
-  p.level_start = msda::level_starts(problem.levels);
-  for (const msda::Level& level : problem.levels) {
-    p.height.push_back(level.height);
-    p.width.push_back(level.width);
-  }
-  p.reference_coords = problem.reference_coords;
-  p.backend = msda::Backend::cuda;
-  return p;
-}
+msda::Params params_of(const msda::Problem& problem) { return msda::cuda_emulation::params_for(problem); }
 
 msda::Problem problem_of(std::int64_t n, std::int64_t q, std::int64_t m, std::int64_t d, std::int64_t p,
                          std::vector<msda::Level> levels, DType value = DType::f32) {
@@ -151,7 +133,7 @@ TEST(CudaPlan, WorkspaceHoldsWhatEachPassNeedsAndNothingElse) {
   p.grad_locations = &wanted;
   const Workspace deterministic = msda::cuda::plan_workspace(p, true, 1000);
   expect_well_formed(deterministic);
-  EXPECT_EQ(deterministic.samples.bytes, std::size_t(samples) * 4 * 4);
+  EXPECT_EQ(deterministic.samples.bytes, std::size_t(samples) * sizeof(msda::cuda::Place<float>));
   EXPECT_EQ(deterministic.keys[1].bytes, std::size_t(samples) * 4);
   EXPECT_EQ(deterministic.segments.bytes, std::size_t(msda::cuda::plan_buckets(p).buckets + 1) * 4);
   EXPECT_EQ(deterministic.sort_scratch.bytes, 1000u);
@@ -178,7 +160,7 @@ TEST(CudaPlan, WorkspaceHoldsWhatEachPassNeedsAndNothingElse) {
   const Workspace fused = msda::cuda::plan_workspace(pf, true, 64);
   expect_well_formed(fused);
   EXPECT_EQ(fused.softmax.bytes, std::size_t(2 * 7 * 3) * 2 * 8);  // per head, in double
-  EXPECT_EQ(fused.samples.bytes, std::size_t(samples) * 4 * 8);
+  EXPECT_EQ(fused.samples.bytes, std::size_t(samples) * sizeof(msda::cuda::Place<double>));
   EXPECT_EQ(fused.weight_gradients.bytes, std::size_t(samples) * 8);
   EXPECT_EQ(fused.reference_partials.bytes, std::size_t(2 * 7 * 3 * 2 * 4) * 8);
 }
