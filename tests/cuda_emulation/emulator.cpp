@@ -9,15 +9,17 @@
 
 namespace msda_emulator {
 
-thread_local dim3 thread_index;
-thread_local dim3 block_index;
+dim3 thread_index;
+dim3 block_index;
 dim3 block_dim;
 dim3 grid_dim;
 
 namespace {
 
 constexpr int kLanes = 32;
-constexpr std::size_t kStackBytes = std::size_t(1) << 20;  // room for sanitizer builds' frames
+// Small stacks: AddressSanitizer clears a coroutine stack's shadow at every switch, so its cost
+// grows with the size. The kernels' frames need a few KB (more in sanitizer builds).
+constexpr std::size_t kStackBytes = std::size_t(64) << 10;
 
 class Warp {
  public:
@@ -96,7 +98,7 @@ class Warp {
 };
 
 Warp& warp() {
-  static thread_local Warp w;
+  static Warp w;
   return w;
 }
 

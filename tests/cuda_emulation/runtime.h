@@ -3,7 +3,8 @@
 // shuffle that not every lane reaches is counted as a fault), atomics, bf16/f16 storage types, the
 // runtime calls the backend makes (memory is host memory; a fresh workspace is filled with NaN
 // bytes so a read of something never written shows), and CUB's radix sort as a stable sort. Kernels
-// run one warp at a time, blocks and warps in order; a launch returns when the kernel is done.
+// run one warp at a time, blocks and warps in order, on the calling thread (one emulated launch at a
+// time in a process); a launch returns when the kernel is done.
 #pragma once
 
 #include <algorithm>
@@ -31,8 +32,8 @@ struct dim3 {
 
 namespace msda_emulator {
 
-extern thread_local dim3 thread_index;
-extern thread_local dim3 block_index;
+extern dim3 thread_index;
+extern dim3 block_index;
 extern dim3 block_dim;
 extern dim3 grid_dim;
 
