@@ -124,6 +124,88 @@ struct GatherFloor {
   }
 };
 
+// The hardware's floor (issue 10): the same corner rows, read in the fastest order the machine
+// allows: each (batch, head)'s rows sorted by address and streamed, so the prefetchers see
+// ascending addresses and every row still in cache is reused at once. `head_major` reads them
+// from a [N, M, S, D] copy of value (a head's map contiguous), else from value's own [N, S, M, D].
+// The kernel's order is the one its output needs; no gather of these samples can be faster.
+struct SortedFloor {
+  std::vector<std::vector<std::int64_t>> offsets_per_head;  // float offsets of every corner load
+  std::vector<float> head_major_copy;
+  bool head_major;
+
+  SortedFloor(const msda::Problem& p, const std::vector<double>& loc, const float* value, bool head_major_layout)
+      : head_major(head_major_layout) {
+    const std::int64_t L = p.num_levels(), M = p.heads, D = p.channels, S = p.value_len;
+    const std::vector<std::int64_t> starts = msda::level_starts(p.levels);
+    offsets_per_head.resize(static_cast<std::size_t>(p.batch * M));
+    for (std::int64_t n = 0; n < p.batch; ++n)
+      for (std::int64_t q = 0; q < p.queries; ++q)
+        for (std::int64_t m = 0; m < M; ++m)
+          for (std::int64_t l = 0; l < L; ++l)
+            for (std::int64_t pt = 0; pt < p.points; ++pt) {
+              const std::int64_t i = (((n * p.queries + q) * M + m) * L + l) * p.points + pt;
+              const std::int64_t H = p.levels[l].height, W = p.levels[l].width;
+              const double u = loc[2 * i] * W - 0.5, v = loc[2 * i + 1] * H - 0.5;
+              if (!(v > -1 && u > -1 && v < H && u < W)) continue;
+              const auto h0 = static_cast<std::int64_t>(std::floor(v)), w0 = static_cast<std::int64_t>(std::floor(u));
+              for (int c = 0; c < 4; ++c) {
+                const std::int64_t h = h0 + (c >> 1), w = w0 + (c & 1);
+                if (h < 0 || w < 0 || h >= H || w >= W) continue;
+                const std::int64_t row = starts[l] + h * W + w;
+                offsets_per_head[n * M + m].push_back(head_major ? ((n * M + m) * S + row) * D
+                                                                 : ((n * S + row) * M + m) * D);
+              }
+            }
+    for (auto& offsets : offsets_per_head) std::sort(offsets.begin(), offsets.end());
+    if (head_major) {
+      head_major_copy.resize(static_cast<std::size_t>(p.batch * S * M * D));
+      for (std::int64_t n = 0; n < p.batch; ++n)
+        for (std::int64_t row = 0; row < S; ++row)
+          for (std::int64_t m = 0; m < M; ++m)
+            std::memcpy(&head_major_copy[((n * M + m) * S + row) * D], value + ((n * S + row) * M + m) * D,
+                        sizeof(float) * D);
+    }
+  }
+
+  typedef float Vec16 __attribute__((vector_size(64)));
+
+#if defined(__x86_64__)
+  __attribute__((target("avx512f")))
+#endif
+  float sum_head(const float* value, std::size_t head) const {
+    Vec16 acc[4][2] = {};
+    const std::vector<std::int64_t>& offsets = offsets_per_head[head];
+    std::size_t i = 0;
+    for (; i + 4 <= offsets.size(); i += 4)
+#pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) {
+        Vec16 x0, x1;  // D == 32
+        __builtin_memcpy(&x0, value + offsets[i + c], sizeof(x0));
+        __builtin_memcpy(&x1, value + offsets[i + c] + 16, sizeof(x1));
+        acc[c][0] += x0;
+        acc[c][1] += x1;
+      }
+    for (; i < offsets.size(); ++i) {
+      Vec16 x0;
+      __builtin_memcpy(&x0, value + offsets[i], sizeof(x0));
+      acc[0][0] += x0;
+    }
+    float total = 0;
+    for (int c = 0; c < 4; ++c)
+      for (int k = 0; k < 16; ++k) total += acc[c][0][k] + acc[c][1][k];
+    return total;
+  }
+
+  float run(const float* value, int threads) const {
+    const float* base = head_major ? head_major_copy.data() : value;
+    float total = 0;
+#pragma omp parallel for schedule(dynamic) num_threads(threads) reduction(+ : total)
+    for (std::size_t head = 0; head < offsets_per_head.size(); ++head) total += sum_head(base, head);
+    return total;
+  }
+};
+
 }  // namespace
 
 int main(int argc, char** argv) try {
@@ -157,9 +239,17 @@ int main(int argc, char** argv) try {
   const GatherFloor floor(p, msda::workloads::to_double(data.locations.data(), p.location_dtype, 2 * samples), 1);
   const auto* value = reinterpret_cast<const float*>(data.value.data());
   volatile float sink = 0;
-  if (floor.available())
+  if (floor.available()) {
     std::printf("| gather floor (same rows, running sum) | %.2f | |\n",
                 median_ms(repeats, [&] { sink = floor.run(value, threads); }));
+    const std::vector<double> loc = msda::workloads::to_double(data.locations.data(), p.location_dtype, 2 * samples);
+    for (bool head_major : {false, true}) {
+      const SortedFloor sorted(p, loc, value, head_major);
+      std::printf("| hardware floor: each head's rows in address order%s | %.2f | |\n",
+                  head_major ? ", from a head-major [N, M, S, D] copy" : "",
+                  median_ms(repeats, [&] { sink = sorted.run(value, threads); }));
+    }
+  }
 
   struct Variant {
     std::string name;
