@@ -2,6 +2,7 @@
 // (devices, dtypes that have no msda::DType, index tensors); every size rule is the core's.
 #include "ops.h"
 
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
@@ -141,7 +142,8 @@ class Runner {
     if (!value.is_cuda()) return;
     options_.backend = Backend::cuda;
     options_.cuda.stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(value.device()).native_handle();
-    options_.cuda.deterministic = cuda_deterministic.load();
+    // torch.use_deterministic_algorithms(True) wins over msda's own switch: no atomics then.
+    options_.cuda.deterministic = cuda_deterministic.load() || at::globalContext().deterministicAlgorithms();
     const std::size_t bytes = workspace_size(problem, pass, options_);
     if (bytes == 0) return;
     workspace_ = at::empty({static_cast<int64_t>(bytes)}, value.options().dtype(at::kByte));

@@ -87,5 +87,6 @@ def set_cuda_deterministic(deterministic: bool) -> bool:
     """Chooses how the CUDA backward computes grad_value, for every later call of the process, and
     returns the previous choice. True (the default): a gather over the samples bucketed by pixel,
     bitwise identical from run to run. False: float atomicAdd scatters, whose summation order and
-    so whose rounding vary between runs; kept as an ablation for benchmarks."""
+    so whose rounding vary between runs; kept as an ablation for benchmarks. Under
+    torch.use_deterministic_algorithms(True) the backward stays deterministic whatever this says."""
     return bool(torch.ops.msda._set_cuda_deterministic(bool(deterministic)))
