@@ -134,9 +134,12 @@ void zero(const Params& params, void* pointer, std::size_t bytes) {
 bool cuda_built() noexcept { return cuda::built(); }
 bool cuda_available() noexcept { return cuda::available(); }
 
-std::size_t workspace_size(const Problem& problem, Pass pass, const Options& options) {
-  const bool fused = pass == Pass::forward_fused || pass == Pass::backward_fused;
-  const bool backward = pass == Pass::backward || pass == Pass::backward_fused;
+namespace {
+
+// Sizes a call's cuda workspace; `wanted` sets which gradients a backward computes (only whether
+// each pointer is null matters).
+std::size_t cuda_workspace(const Problem& problem, bool fused, bool backward, const Options& options,
+                           const FusedGradients& fused_wanted, const Gradients& wanted) {
   if (fused)
     validate_fused(problem);
   else
@@ -150,17 +153,36 @@ std::size_t workspace_size(const Problem& problem, Pass pass, const Options& opt
   params.fused = fused;
   params.reference_coords = problem.reference_coords;
   params.reference_dtype = problem.reference_dtype;
-  if (backward) {
-    // Every gradient wanted: the most a backward of this problem can need.
-    static char wanted;
-    params.grad_value = &wanted;
-    if (fused) {
-      params.grad_reference_points = params.grad_offsets = params.grad_logits = &wanted;
-    } else {
-      params.grad_locations = params.grad_weights = &wanted;
-    }
+  if (backward && fused) {
+    params.grad_value = fused_wanted.value;
+    params.grad_reference_points = fused_wanted.reference_points;
+    params.grad_offsets = fused_wanted.sampling_offsets;
+    params.grad_logits = fused_wanted.attention_logits;
+  } else if (backward) {
+    params.grad_value = wanted.value;
+    params.grad_locations = wanted.sampling_locations;
+    params.grad_weights = wanted.attention_weights;
   }
   return cuda::workspace_size(params, backward);
+}
+
+char every_gradient;  // a non-null stand-in: "wanted"
+
+}  // namespace
+
+std::size_t workspace_size(const Problem& problem, Pass pass, const Options& options) {
+  void* all = &every_gradient;
+  return cuda_workspace(problem, pass == Pass::forward_fused || pass == Pass::backward_fused,
+                        pass == Pass::backward || pass == Pass::backward_fused, options, {all, all, all, all},
+                        {all, all, all});
+}
+
+std::size_t workspace_size(const Problem& problem, const Gradients& wanted, const Options& options) {
+  return cuda_workspace(problem, false, true, options, {}, wanted);
+}
+
+std::size_t workspace_size(const Problem& problem, const FusedGradients& wanted, const Options& options) {
+  return cuda_workspace(problem, true, true, options, wanted, {});
 }
 
 void forward(const Problem& problem, const Inputs& inputs, void* output, const Options& options) {

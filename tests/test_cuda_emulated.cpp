@@ -151,6 +151,21 @@ TEST_F(CudaEmulated, OnlyTheRequestedGradients) {
   EXPECT_TRUE(close(got.grad_value.to_double(), truth.grad_value.to_double(), 1e-5));
 }
 
+TEST_F(CudaEmulated, WorkspaceFollowsTheWantedGradients) {
+  const Case c = make_case({1, 2, 4, 6, 2, {{4, 4}}}, {}, Locations::unit, case_seed(0));
+  msda::Params p = with_inputs(c.problem, c.tensors, {});
+  char wanted;
+  p.grad_weights = &wanted;
+  const std::size_t samples_only = emulated::workspace_size(p, true);
+  p.grad_value = &wanted;
+  const std::size_t with_value = emulated::workspace_size(p, true);
+  p.cuda.deterministic = false;  // f32 atomics add into grad_value itself
+  const std::size_t atomic = emulated::workspace_size(p, true);
+  EXPECT_EQ(samples_only, 256u);  // the level table alone
+  EXPECT_EQ(atomic, 256u);
+  EXPECT_GT(with_value, samples_only + 12u * 2 * 6 * 2 * 4);  // places, keys and ids of 24 samples
+}
+
 TEST_F(CudaEmulated, CallersWorkspaceIsCheckedBeforeUse) {
   const Case c = make_case({1, 2, 4, 6, 2, {{4, 4}}}, {}, Locations::unit, case_seed(0));
   msda::Params p = with_inputs(c.problem, c.tensors, {});

@@ -135,16 +135,18 @@ std::atomic<bool> cuda_deterministic{true};
 // How one call runs: on the CPU with torch's thread count, or on value's CUDA device, on the
 // current stream, with scratch from torch's caching allocator (which keeps it until the stream
 // is past the call's kernels).
+// `what` is the pass, or the gradients a backward will compute (its workspace is sized for them).
 class Runner {
  public:
-  Runner(const at::Tensor& value, const Problem& problem, Pass pass) : guard_(value.device()) {
+  template <class What>
+  Runner(const at::Tensor& value, const Problem& problem, const What& what) : guard_(value.device()) {
     options_.threads = at::get_num_threads();  // follows torch.set_num_threads, like torch's own ops
     if (!value.is_cuda()) return;
     options_.backend = Backend::cuda;
     options_.cuda.stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(value.device()).native_handle();
     // torch.use_deterministic_algorithms(True) wins over msda's own switch: no atomics then.
     options_.cuda.deterministic = cuda_deterministic.load() || at::globalContext().deterministicAlgorithms();
-    const std::size_t bytes = workspace_size(problem, pass, options_);
+    const std::size_t bytes = workspace_size(problem, what, options_);
     if (bytes == 0) return;
     workspace_ = at::empty({static_cast<int64_t>(bytes)}, value.options().dtype(at::kByte));
     options_.cuda.workspace = workspace_.data_ptr();
@@ -199,10 +201,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
     at::Tensor grad_value = gradient_for(p.value, output_mask[0]);
     at::Tensor grad_locations = gradient_for(p.locations, output_mask[1]);
     at::Tensor grad_weights = gradient_for(p.weights, output_mask[2]);
+    const Gradients wanted{pointer_if(grad_value, output_mask[0]), pointer_if(grad_locations, output_mask[1]),
+                           pointer_if(grad_weights, output_mask[2])};
     msda::backward(p.problem, {p.value.data_ptr(), p.locations.data_ptr(), p.weights.data_ptr()}, g.data_ptr(),
-                   {pointer_if(grad_value, output_mask[0]), pointer_if(grad_locations, output_mask[1]),
-                    pointer_if(grad_weights, output_mask[2])},
-                   Runner(value, p.problem, Pass::backward).options());
+                   wanted, Runner(value, p.problem, wanted).options());
     return std::make_tuple(grad_value, grad_locations, grad_weights);
   });
 }
@@ -233,10 +235,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward(
     at::Tensor grad_reference = gradient_for(p.reference, output_mask[1]);
     at::Tensor grad_offsets = gradient_for(p.offsets, output_mask[2]);
     at::Tensor grad_logits = gradient_for(p.logits, output_mask[3]);
-    msda::backward_fused(p.problem, p.inputs(), g.data_ptr(),
-                         {pointer_if(grad_value, output_mask[0]), pointer_if(grad_reference, output_mask[1]),
-                          pointer_if(grad_offsets, output_mask[2]), pointer_if(grad_logits, output_mask[3])},
-                         Runner(value, p.problem, Pass::backward_fused).options());
+    const FusedGradients wanted{pointer_if(grad_value, output_mask[0]), pointer_if(grad_reference, output_mask[1]),
+                                pointer_if(grad_offsets, output_mask[2]), pointer_if(grad_logits, output_mask[3])};
+    msda::backward_fused(p.problem, p.inputs(), g.data_ptr(), wanted, Runner(value, p.problem, wanted).options());
     return std::make_tuple(grad_value, grad_reference, grad_offsets, grad_logits);
   });
 }

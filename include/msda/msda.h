@@ -174,11 +174,6 @@ struct Options {
   CudaOptions cuda;     // cuda backend only
 };
 
-// The device scratch the cuda backend needs for one call (0 for the other backends): the level
-// table, and for the backward the sample buckets and the sort's buffers. Throws Error on a bad
-// problem; needs a CUDA device for the backward (the sort sizes its own scratch per device).
-enum class Pass : std::uint8_t { forward, backward, forward_fused, backward_fused };
-std::size_t workspace_size(const Problem& problem, Pass pass, const Options& options = {});
 
 struct Inputs {
   const void* value = nullptr;
@@ -207,6 +202,16 @@ struct FusedGradients {
   void* sampling_offsets = nullptr;  // [N, Q, M, L, P, 2]
   void* attention_logits = nullptr;  // [N, Q, M, L*P]
 };
+
+// The device scratch the cuda backend needs for one call (0 for the other backends): the level
+// table, and for the backward the sample buckets and the sort's buffers. A backward with every
+// gradient wanted needs the most; the overloads taking the gradients (only which are null is
+// read) size a backward that wants fewer. Throws Error on a bad problem; sizing a backward needs
+// a CUDA device (the sort sizes its own scratch per device).
+enum class Pass : std::uint8_t { forward, backward, forward_fused, backward_fused };
+std::size_t workspace_size(const Problem& problem, Pass pass, const Options& options = {});
+std::size_t workspace_size(const Problem& problem, const Gradients& wanted, const Options& options);
+std::size_t workspace_size(const Problem& problem, const FusedGradients& wanted, const Options& options);
 
 // output = MSDA(inputs). Validates the problem first; throws Error on bad input.
 void forward(const Problem& problem, const Inputs& inputs, void* output, const Options& options = {});
