@@ -14,7 +14,15 @@ forward+backward (all three gradients) for:
   (an ablation: the forward is the same kernel, so its column there shows the timing noise);
 - grid-sample: msda.ms_deform_attn_pytorch, which computes a bfloat16 value in float32 (as
   autocast runs grid_sample in float32) and gets spatial_shapes as a CPU tensor (as models pass
-  a list), so that it needs no device-to-host copy.
+  a list), so that it needs no device-to-host copy;
+- ddetr-cuda: Deformable DETR's own CUDA kernel (the MultiScaleDeformableAttention extension of its
+  models/ops), the baseline of issue 11's targets, float32 rows only (it has no bfloat16), where
+  that extension imports: scripts/gpu-check.sh builds it from build-ddetr/src when present. It is
+  called directly (no autograd: that overhead counts against msda only), forward+backward being
+  its forward then its backward, with im2col_step = the batch. Its output and gradients are checked
+  against the same float64 reference and the error printed, never failing the run: it is a
+  baseline. A last line per workload says whether issue 11's targets hold on float32: msda's
+  forward at least 2x and forward+backward at least 3x faster than ddetr-cuda.
 
 msda GB/s counts the bytes of the tensors the op must read or write at least once: value,
 sampling_locations, attention_weights and the output; for forward+backward also grad_output and
@@ -44,6 +52,17 @@ DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16}
 BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 QUICK_WORKLOADS = ("rtdetr-dec",)
 SKIPPED = 77
+
+# Deformable DETR's kernel dispatches on value's dtype with AT_DISPATCH_FLOATING_TYPES.
+DDETR_DTYPES = (torch.float32, torch.float64)
+# Issue 11's targets: msda's speedup over ddetr-cuda on float32, per pass.
+TARGETS = {"forward": 2.0, "forward+backward": 3.0}
+# Beyond this relative error ddetr-cuda's output is wrong, not just rounded differently (its kernels
+# report launch errors with a printf and go on, e.g. built for another GPU, leaving zeros), and its
+# times say nothing about the targets.
+DDETR_TRUSTED = 1e-3
+DDETR_HOWTO = ("put a copy of github.com/fundamentalvision/Deformable-DETR (or its models/ops) in build-ddetr/src "
+               "and run scripts/gpu-check.sh, which builds it into build-ddetr/lib and puts that on PYTHONPATH")
 
 # Datasheet memory bandwidths (GB/s), matched against torch.cuda.get_device_name() in this order.
 PEAK_GBS_BY_NAME = [
@@ -75,6 +94,18 @@ def peak_bandwidth(device, override):
     return None, "unknown GPU: pass --peak-gbs"
 
 
+def load_ddetr():
+    """(Deformable DETR's extension module, None) or (None, why not). torch is imported first: the
+    extension links against the libraries it loads."""
+    try:
+        import MultiScaleDeformableAttention as ext
+    except ModuleNotFoundError:
+        return None, "not built"
+    except ImportError as e:  # e.g. built against another torch: undefined symbols
+        return None, f"does not import ({e})"
+    return ext, None
+
+
 @contextlib.contextmanager
 def backward_mode(deterministic):
     previous = msda.set_cuda_deterministic(deterministic)
@@ -85,9 +116,9 @@ def backward_mode(deterministic):
 
 
 class Problem:
-    """One workload's inputs on the GPU in one dtype, and the three paths over them."""
+    """One workload's inputs on the GPU in one dtype, and the paths over them."""
 
-    def __init__(self, w, dtype, seed, device):
+    def __init__(self, w, dtype, seed, device, ddetr=None):
         value, shapes, starts, loc, weights = generate(w, dtype=torch.float32, seed=seed)
         self.workload, self.dtype = w, dtype
         self.value = value.to(device=device, dtype=dtype)
@@ -97,6 +128,9 @@ class Problem:
         gen = torch.Generator(device=device).manual_seed(seed + 1)
         self.grad = torch.randn(w.batch, w.num_queries, w.heads * w.channels, device=device,
                                 generator=gen).to(dtype)
+        # Deformable DETR's extension where it can run this dtype, else None. Its kernels read the
+        # locations and weights as value's type, which they are for the dtypes it takes.
+        self.ddetr = ddetr if dtype in DDETR_DTYPES else None
 
     def inputs(self):
         return self.value, self.loc, self.weights
@@ -106,6 +140,18 @@ class Problem:
 
     def grid_sample(self, v, l, a):
         return msda.ms_deform_attn_pytorch(v, self.shapes_cpu, l, a)
+
+    def ddetr_forward(self):
+        # im2col_step = the batch: its kernels want the batch divisible by it, and one step over the
+        # whole batch is what its models (im2col_step 64, batches up to 64) run.
+        return self.ddetr.ms_deform_attn_forward(self.value, self.shapes, self.starts, self.loc, self.weights,
+                                                 self.workload.batch)
+
+    def ddetr_backward(self):
+        """(grad_value, grad_sampling_locations, grad_attention_weights); its backward needs no
+        forward output: it samples again."""
+        return self.ddetr.ms_deform_attn_backward(self.value, self.shapes, self.starts, self.loc, self.weights,
+                                                  self.grad, self.workload.batch)
 
     def forward_bytes(self):
         out = self.grad.numel() * self.value.element_size()
@@ -133,8 +179,9 @@ def relative_error(got, want):
 
 
 def check(p):
-    """msda (both backward modes) against the grid-sample path in float64; and whether two
-    deterministic runs are bitwise equal. Returns (error, atomic error, bitwise)."""
+    """msda (both backward modes) and ddetr-cuda (where it runs) against the grid-sample path in
+    float64; and whether two deterministic runs are bitwise equal. Returns (error, atomic error,
+    bitwise, ddetr-cuda error or None)."""
     reference = run_once(p.grid_sample, [t.double() for t in p.inputs()], p.grad.double())
     first = run_once(p.msda, p.inputs(), p.grad)
     second = run_once(p.msda, p.inputs(), p.grad)
@@ -143,7 +190,17 @@ def check(p):
         atomic = run_once(p.msda, p.inputs(), p.grad)
     error = max(relative_error(a, b) for a, b in zip(first, reference))
     atomic_error = max(relative_error(a, b) for a, b in zip(atomic, reference))
-    return error, atomic_error, bitwise
+    ddetr_error = None
+    if p.ddetr is not None:
+        try:
+            ddetr = (p.ddetr_forward(), *p.ddetr_backward())
+        except RuntimeError as e:
+            # Its argument checks: a baseline that cannot run is reported, not a failure of msda.
+            print(f"gpu_bench: ddetr-cuda failed on {p.workload.name}, left out there: {e}", file=sys.stderr)
+            p.ddetr = None
+        else:
+            ddetr_error = max(relative_error(a, b) for a, b in zip(ddetr, reference))
+    return error, atomic_error, bitwise, ddetr_error
 
 
 def median_ms(fn, repeats, warmup, budget_s):
@@ -179,9 +236,19 @@ def timed_calls(p, path, pass_name):
     return forward_backward
 
 
+def ddetr_calls(p, pass_name):
+    if pass_name == "forward":
+        return p.ddetr_forward
+
+    def forward_backward():
+        p.ddetr_forward()
+        p.ddetr_backward()
+    return forward_backward
+
+
 def measure(p, args):
-    """Rows of one workload and dtype: forward and forward+backward, all three paths."""
-    error, atomic_error, bitwise = check(p)
+    """Rows of one workload and dtype: forward and forward+backward, all paths."""
+    error, atomic_error, bitwise, ddetr_error = check(p)
     rows = []
     for pass_name, moved in (("forward", p.forward_bytes()), ("forward+backward", p.backward_bytes())):
         times = {}
@@ -189,6 +256,8 @@ def measure(p, args):
                                           ("grid-sample", p.grid_sample, True)):
             with backward_mode(deterministic):
                 times[name] = median_ms(timed_calls(p, path, pass_name), args.repeats, args.warmup, args.budget)
+        ddetr_ms, ddetr_count = (None, None) if p.ddetr is None else median_ms(
+            ddetr_calls(p, pass_name), args.repeats, args.warmup, args.budget)
         rows.append({
             "workload": p.workload.name, "shape": p.workload.describe(), "dtype": _dtype_name(p.dtype),
             "pass": pass_name, "bytes": moved,
@@ -196,6 +265,8 @@ def measure(p, args):
             **{f"{name} repeats": count for name, (_, count) in times.items()},
             "msda GB/s": moved / (times["msda"][0] * 1e-3) / 1e9,
             "rel error": error, "atomic rel error": atomic_error, "bitwise": bitwise,
+            # None where it did not run: a dtype it lacks, not built, or it raised.
+            "ddetr-cuda ms": ddetr_ms, "ddetr-cuda repeats": ddetr_count, "ddetr-cuda rel error": ddetr_error,
         })
     return rows
 
@@ -208,9 +279,21 @@ def _ms(x):
     return f"{x:.1f}" if x >= 100 else f"{x:.2f}" if x >= 1 else f"{x:.3f}"
 
 
-def format_table(rows, peak):
+def _ddetr_cells(r, ddetr_missing):
+    """ddetr-cuda ms, msda vs ddetr, ddetr rel error."""
+    if r["ddetr-cuda ms"] is not None:
+        return [_ms(r["ddetr-cuda ms"]), f"{r['ddetr-cuda ms'] / r['msda ms']:.2f}x",
+                f"{r['ddetr-cuda rel error']:.1e}"]
+    if DTYPES[r["dtype"]] not in DDETR_DTYPES:
+        return ["n/a (f32/f64 only)", "n/a", "n/a"]
+    # Not built (said above the table), or it raised on this workload (said as it happened).
+    return ["n/a" if ddetr_missing else "failed", "n/a", "n/a"]
+
+
+def format_table(rows, peak, ddetr_missing):
     head = ["workload", "dtype", "pass", "msda ms", "msda atomic ms", "grid-sample ms", "speedup vs grid-sample",
-            "atomic speedup", "msda GB/s", "% of peak", "rel error", "atomic rel error", "bitwise"]
+            "atomic speedup", "msda GB/s", "% of peak", "rel error", "atomic rel error", "bitwise",
+            "ddetr-cuda ms", "msda vs ddetr", "ddetr rel error"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
     for r in rows:
         gbs = r["msda GB/s"]
@@ -218,8 +301,46 @@ def format_table(rows, peak):
                  _ms(r["grid-sample ms"]), f"{r['grid-sample ms'] / r['msda ms']:.1f}x",
                  f"{r['msda ms'] / r['msda atomic ms']:.2f}x", f"{gbs:.0f}",
                  "n/a" if peak is None else f"{100 * gbs / peak:.0f}%",
-                 f"{r['rel error']:.1e}", f"{r['atomic rel error']:.1e}", "yes" if r["bitwise"] else "NO"]
+                 f"{r['rel error']:.1e}", f"{r['atomic rel error']:.1e}", "yes" if r["bitwise"] else "NO",
+                 *_ddetr_cells(r, ddetr_missing)]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def evaluate_targets(rows):
+    """Issue 11's targets per workload, from its float32 rows: msda (its default, deterministic
+    backward) against ddetr-cuda. [{workload, pass: {speedup, target, met}} or {workload, why}]."""
+    results = []
+    for name in dict.fromkeys(r["workload"] for r in rows if r["dtype"] == "f32"):
+        by_pass = {r["pass"]: r for r in rows if r["workload"] == name and r["dtype"] == "f32"}
+        if any(r["ddetr-cuda ms"] is None for r in by_pass.values()):
+            results.append({"workload": name, "why": "ddetr-cuda not measured"})
+            continue
+        worst = max(r["ddetr-cuda rel error"] for r in by_pass.values())
+        if not worst < DDETR_TRUSTED:
+            results.append({"workload": name, "why": f"ddetr-cuda's results are wrong (rel error {worst:.1e})"})
+            continue
+        result = {"workload": name}
+        for pass_name, target in TARGETS.items():
+            speedup = by_pass[pass_name]["ddetr-cuda ms"] / by_pass[pass_name]["msda ms"]
+            result[pass_name] = {"speedup": speedup, "target": target, "met": speedup >= target}
+        results.append(result)
+    return results
+
+
+def format_targets(targets, ddetr_missing):
+    if not targets:
+        return "issue 11's targets: not evaluated (no f32 rows)"
+    if ddetr_missing:
+        return f"issue 11's targets (msda vs ddetr-cuda on f32): n/a, ddetr-cuda {ddetr_missing}"
+    lines = [f"issue 11's targets on f32, msda (deterministic backward, the default) vs ddetr-cuda: "
+             f"forward >= {TARGETS['forward']:g}x, forward+backward >= {TARGETS['forward+backward']:g}x"]
+    for t in targets:
+        if "why" in t:
+            lines.append(f"  {t['workload']}: n/a, {t['why']}")
+        else:
+            lines.append(f"  {t['workload']}: " + ", ".join(
+                f"{p} {t[p]['speedup']:.2f}x {'met' if t[p]['met'] else 'NOT met'}" for p in TARGETS))
     return "\n".join(lines)
 
 
@@ -278,32 +399,42 @@ def main(argv=None):
     device = torch.device("cuda", torch.cuda.current_device())
     peak, peak_source = peak_bandwidth(device, args.peak_gbs)
     info = machine(device, peak, peak_source)
+    ddetr, ddetr_missing = load_ddetr()
+    info["ddetr_cuda"] = ddetr.__file__ if ddetr else ddetr_missing
     print(f"gpu_bench: {info['gpu']} ({info['multiprocessors']} SMs, {info['memory_GiB']} GiB, peak "
           + (f"{peak:.0f} GB/s from {peak_source}" if peak else f"n/a: {peak_source}")
           + f"), torch {info['torch']}, CUDA {info['cuda']}, msda {info['msda']}; medians of up to {args.repeats} "
           f"calls (CUDA events) after {args.warmup} warm-up", flush=True)
+    if ddetr:
+        print(f"gpu_bench: ddetr-cuda (the baseline of issue 11's targets) from {ddetr.__file__}", flush=True)
+    else:
+        print(f"gpu_bench: ddetr-cuda, Deformable DETR's CUDA kernel (the baseline of issue 11's targets), "
+              f"{ddetr_missing}: its columns say n/a; to measure it, {DDETR_HOWTO}", flush=True)
 
     started = time.perf_counter()
     rows = []
     for w in args.workload_list:
         for dtype in args.dtype_list:
-            p = Problem(w, dtype, args.seed, device)
+            p = Problem(w, dtype, args.seed, device, ddetr)
             rows += measure(p, args)
             del p
             free_memory()
             print(f"  {w.name} {_dtype_name(dtype)}: done at {time.perf_counter() - started:.0f} s",
                   file=sys.stderr, flush=True)
     print()
-    print(format_table(rows, peak))
+    print(format_table(rows, peak, ddetr_missing))
     print(f"\n{len(rows)} rows in {time.perf_counter() - started:.0f} s. speedup = grid-sample ms / msda ms; "
           "atomic speedup = msda ms / msda atomic ms (above 1: atomicAdd is faster); rel error = largest of the "
           "output's and the three gradients' against the grid-sample path in float64; bitwise = two deterministic "
-          "backward runs gave the same bits.")
+          "backward runs gave the same bits; msda vs ddetr = ddetr-cuda ms / msda ms, ddetr rel error its largest "
+          "against the same float64 reference (not part of the exit status).")
+    targets = evaluate_targets(rows)
+    print(format_targets(targets, ddetr_missing))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "arguments": {k: v for k, v in vars(args).items()
                                                       if k not in ("workload_list", "dtype_list")},
-                       "rows": rows}, f, indent=2)
+                       "rows": rows, "targets": targets}, f, indent=2)
         print(f"wrote {args.json}")
 
     bad = [f"{r['workload']} {r['dtype']}" for r in rows if r["pass"] == "forward" and not (
