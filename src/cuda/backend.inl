@@ -74,6 +74,22 @@ __device__ __forceinline__ void store_real(void* p, DType t, std::int64_t i, A x
   }
 }
 
+// Coordinate arithmetic rounded operation by operation, as the reference computes it: nvcc (and
+// GCC on AArch64) would otherwise contract x*W - 0.5 into one fused multiply-add, whose single
+// rounding picks other corners than the CPU at pixel boundaries. The emulation's translation
+// unit is built with -ffp-contract=off for the same reason.
+#if defined(__CUDA_ARCH__)
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ double div_rn(double a, double b) { return __ddiv_rn(a, b); }
+#else
+inline double mul_rn(double a, double b) { return a * b; }
+inline double add_rn(double a, double b) { return a + b; }
+inline double sub_rn(double a, double b) { return a - b; }
+inline double div_rn(double a, double b) { return a / b; }
+#endif
+
 template <class A>
 __device__ __forceinline__ A exp_of(A x) {
   if constexpr (sizeof(A) == 4)
@@ -137,13 +153,13 @@ __device__ __forceinline__ Sample<A> fetch(const Shape& s, const SampleInputs<A>
     const double rx = load_real<double>(in.reference, s.reference_type, ref);
     const double ry = load_real<double>(in.reference, s.reference_type, ref + 1);
     if (s.coords == 2) {
-      r.x = rx + px / double(g.width);
-      r.y = ry + py / double(g.height);
+      r.x = add_rn(rx, div_rn(px, double(g.width)));
+      r.y = add_rn(ry, div_rn(py, double(g.height)));
     } else {
       r.rw = load_real<double>(in.reference, s.reference_type, ref + 2);
       r.rh = load_real<double>(in.reference, s.reference_type, ref + 3);
-      r.x = rx + px / double(s.P) * r.rw * 0.5;
-      r.y = ry + py / double(s.P) * r.rh * 0.5;
+      r.x = add_rn(rx, mul_rn(mul_rn(div_rn(px, double(s.P)), r.rw), 0.5));
+      r.y = add_rn(ry, mul_rn(mul_rn(div_rn(py, double(s.P)), r.rh), 0.5));
     }
     r.a = exp_of(w - in.softmax[2 * head]) * in.softmax[2 * head + 1];
   }
@@ -155,8 +171,8 @@ __device__ __forceinline__ Sample<A> fetch(const Shape& s, const SampleInputs<A>
 // coordinates) are the CPU's, whatever the rounding of the fractions in A after.
 template <class A>
 __device__ __forceinline__ Corners<A> place(const Sample<A>& smp, const LevelGeometry& g) {
-  const Corners<double> c = corners_at<double>(double(smp.x) * double(g.width) - 0.5,
-                                               double(smp.y) * double(g.height) - 0.5, g.height, g.width);
+  const Corners<double> c = corners_at<double>(sub_rn(mul_rn(smp.x, double(g.width)), 0.5),
+                                               sub_rn(mul_rn(smp.y, double(g.height)), 0.5), g.height, g.width);
   Corners<A> r;
   r.inside = c.inside;
   r.h0 = c.h0;
