@@ -55,6 +55,8 @@ void check_tuning(const Options& options) {
                 std::to_string(options.tuning.accumulator_budget));
 }
 
+}  // namespace
+
 // Validated problem -> Params: everything the entry points share. Pointers are the per-sample
 // tensors' (sampling_locations and attention_weights, or the fused op's offsets and logits).
 Params make_params(const Problem& problem, const void* value, const void* locations, const void* weights,
@@ -93,6 +95,8 @@ Params make_params(const Problem& problem, const void* value, const void* locati
   params.cuda = options.cuda;
   return params;
 }
+
+namespace {
 
 // Problem -> checks -> Params for the plain op. Nothing is touched before every check has passed.
 Params prepare(const Problem& problem, const Inputs& inputs, const Options& options) {

@@ -83,4 +83,10 @@ struct Params {
   }
 };
 
+// Validated problem -> Params, as every entry point makes them (dispatch.cpp): sizes, levels,
+// resolved options, and the per-sample tensors' pointers (sampling_locations and
+// attention_weights, or the fused op's offsets and logits).
+Params make_params(const Problem& problem, const void* value, const void* locations, const void* weights,
+                   const Options& options);
+
 }  // namespace msda

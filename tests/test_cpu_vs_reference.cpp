@@ -87,20 +87,6 @@ const std::vector<Scenario>& scenarios() {
   return all;
 }
 
-const std::vector<DTypes>& dtype_mixes() {
-  using msda::DType;
-  static const std::vector<DTypes> all = {
-      {DType::f32, DType::f32, DType::f32},    {DType::f64, DType::f64, DType::f64},
-      {DType::bf16, DType::bf16, DType::bf16}, {DType::f16, DType::f16, DType::f16},
-      {DType::bf16, DType::f32, DType::f32},   {DType::bf16, DType::f32, DType::bf16},
-      {DType::bf16, DType::bf16, DType::f32},  {DType::f16, DType::f32, DType::f32},
-      {DType::f16, DType::f32, DType::f16},    {DType::f16, DType::f16, DType::f32},
-      {DType::f64, DType::f32, DType::f64},    {DType::f64, DType::f32, DType::f32},
-      {DType::f64, DType::f64, DType::f32},
-  };
-  return all;
-}
-
 std::string dtype_label(const DTypes& d) {
   std::string s = to_string(d);
   for (auto& ch : s)

@@ -74,20 +74,9 @@ class CudaEmulated : public ::testing::Test {
   void TearDown() override { EXPECT_EQ(msda_emulator::faults(), 0) << "a warp shuffle some lanes did not reach"; }
 };
 
-const std::vector<DTypes>& mixes() {
-  static const std::vector<DTypes> all = [] {
-    std::vector<DTypes> v{{DType::f32, DType::f32, DType::f32}};
-    for (DType value : {DType::f64, DType::bf16, DType::f16})
-      for (DType loc : {value, DType::f32})
-        for (DType w : {value, DType::f32}) v.push_back({value, loc, w});
-    return v;
-  }();
-  return all;
-}
-
 TEST_F(CudaEmulated, EveryDtypeMixMatchesTheReference) {
   std::uint64_t index = 0;
-  for (const DTypes& mix : mixes())
+  for (const DTypes& mix : dtype_mixes())
     for (Locations kind : {Locations::mixed, Locations::cluster, Locations::centres}) {
       const Case c = make_case({2, 3, 32, 9, 4, {{8, 4}, {4, 2}, {1, 2}}}, mix, kind, case_seed(index++));
       SCOPED_TRACE(c.label);

@@ -502,4 +502,19 @@ bool names_one_of(const std::string& argument, const std::vector<std::string>& n
   return false;
 }
 
+// SPEC's 13 dtype mixes, plain f32 first.
+const std::vector<DTypes>& dtype_mixes() {
+  using msda::DType;
+  static const std::vector<DTypes> all = {
+      {DType::f32, DType::f32, DType::f32},    {DType::f64, DType::f64, DType::f64},
+      {DType::bf16, DType::bf16, DType::bf16}, {DType::f16, DType::f16, DType::f16},
+      {DType::bf16, DType::f32, DType::f32},   {DType::bf16, DType::f32, DType::bf16},
+      {DType::bf16, DType::bf16, DType::f32},  {DType::f16, DType::f32, DType::f32},
+      {DType::f16, DType::f32, DType::f16},    {DType::f16, DType::f16, DType::f32},
+      {DType::f64, DType::f32, DType::f64},    {DType::f64, DType::f32, DType::f32},
+      {DType::f64, DType::f64, DType::f32},
+  };
+  return all;
+}
+
 }  // namespace msda_test

@@ -99,6 +99,8 @@ struct DTypes {
   DType value = DType::f32, location = DType::f32, weight = DType::f32;
 };
 std::string to_string(const DTypes& dtypes);
+// The 13 mixes SPEC allows: value f32, f64, bf16 or f16; locations and weights each value's or f32.
+const std::vector<DTypes>& dtype_mixes();
 
 std::string describe(const msda::Problem& problem);
 

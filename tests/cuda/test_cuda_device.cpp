@@ -81,17 +81,6 @@ msda::Options cuda_options(bool deterministic = true) {
   return o;
 }
 
-const std::vector<DTypes>& mixes() {
-  static const std::vector<DTypes> all = [] {
-    std::vector<DTypes> v{{DType::f32, DType::f32, DType::f32}};
-    for (DType value : {DType::f64, DType::bf16, DType::f16})
-      for (DType loc : {value, DType::f32})
-        for (DType w : {value, DType::f32}) v.push_back({value, loc, w});
-    return v;
-  }();
-  return all;
-}
-
 TEST(CudaDevice, EveryDtypeMixMatchesTheReference) {
   REQUIRE_GPU();
   const Shape shapes[] = {{2, 3, 32, 17, 4, {{9, 11}, {5, 6}, {3, 3}, {1, 2}}},
@@ -100,7 +89,7 @@ TEST(CudaDevice, EveryDtypeMixMatchesTheReference) {
                           {2, 8, 8, 33, 8, {{16, 16}, {8, 8}}}};
   std::uint64_t index = 0;
   for (const Shape& shape : shapes)
-    for (const DTypes& mix : mixes())
+    for (const DTypes& mix : dtype_mixes())
       for (Locations kind : {Locations::mixed, Locations::cluster}) {
         const Case c = make_case(shape, mix, kind, case_seed(index++));
         SCOPED_TRACE(c.label);
