@@ -140,10 +140,11 @@ bool cuda_available() noexcept { return cuda::available(); }
 
 namespace {
 
-// Sizes a call's cuda workspace; `wanted` sets which gradients a backward computes (only whether
-// each pointer is null matters).
+// A call's cuda workspace: `set_gradients` marks in Params the gradients a backward computes
+// (only whether each pointer is null matters).
+template <class SetGradients>
 std::size_t cuda_workspace(const Problem& problem, bool fused, bool backward, const Options& options,
-                           const FusedGradients& fused_wanted, const Gradients& wanted) {
+                           SetGradients set_gradients) {
   if (fused)
     validate_fused(problem);
   else
@@ -157,17 +158,22 @@ std::size_t cuda_workspace(const Problem& problem, bool fused, bool backward, co
   params.fused = fused;
   params.reference_coords = problem.reference_coords;
   params.reference_dtype = problem.reference_dtype;
-  if (backward && fused) {
-    params.grad_value = fused_wanted.value;
-    params.grad_reference_points = fused_wanted.reference_points;
-    params.grad_offsets = fused_wanted.sampling_offsets;
-    params.grad_logits = fused_wanted.attention_logits;
-  } else if (backward) {
-    params.grad_value = wanted.value;
-    params.grad_locations = wanted.sampling_locations;
-    params.grad_weights = wanted.attention_weights;
-  }
+  set_gradients(params);
   return cuda::workspace_size(params, backward);
+}
+
+// The caller's gradient pointers into Params (null: not wanted): for the calls and for sizing them.
+void set_plain_gradients(Params& p, const Gradients& wanted) {
+  p.grad_value = wanted.value;
+  p.grad_locations = wanted.sampling_locations;
+  p.grad_weights = wanted.attention_weights;
+}
+
+void set_fused_gradients(Params& p, const FusedGradients& wanted) {
+  p.grad_value = wanted.value;
+  p.grad_reference_points = wanted.reference_points;
+  p.grad_offsets = wanted.sampling_offsets;
+  p.grad_logits = wanted.attention_logits;
 }
 
 char every_gradient;  // a non-null stand-in: "wanted"
@@ -176,17 +182,21 @@ char every_gradient;  // a non-null stand-in: "wanted"
 
 std::size_t workspace_size(const Problem& problem, Pass pass, const Options& options) {
   void* all = &every_gradient;
-  return cuda_workspace(problem, pass == Pass::forward_fused || pass == Pass::backward_fused,
-                        pass == Pass::backward || pass == Pass::backward_fused, options, {all, all, all, all},
-                        {all, all, all});
+  switch (pass) {
+    case Pass::backward: return workspace_size(problem, Gradients{all, all, all}, options);
+    case Pass::backward_fused: return workspace_size(problem, FusedGradients{all, all, all, all}, options);
+    case Pass::forward_fused: return cuda_workspace(problem, true, false, options, [](Params&) {});
+    case Pass::forward: break;
+  }
+  return cuda_workspace(problem, false, false, options, [](Params&) {});
 }
 
 std::size_t workspace_size(const Problem& problem, const Gradients& wanted, const Options& options) {
-  return cuda_workspace(problem, false, true, options, {}, wanted);
+  return cuda_workspace(problem, false, true, options, [&](Params& p) { set_plain_gradients(p, wanted); });
 }
 
 std::size_t workspace_size(const Problem& problem, const FusedGradients& wanted, const Options& options) {
-  return cuda_workspace(problem, true, true, options, wanted, {});
+  return cuda_workspace(problem, true, true, options, [&](Params& p) { set_fused_gradients(p, wanted); });
 }
 
 void forward(const Problem& problem, const Inputs& inputs, void* output, const Options& options) {
@@ -217,9 +227,7 @@ void backward(const Problem& problem, const Inputs& inputs, const void* grad_out
     return;
   }
   params.grad_output = grad_output;
-  params.grad_value = gradients.value;
-  params.grad_locations = gradients.sampling_locations;
-  params.grad_weights = gradients.attention_weights;
+  set_plain_gradients(params, gradients);
   switch (params.backend) {
     case Backend::reference: return reference::backward(params);
     case Backend::cuda: return cuda::backward(params);
@@ -257,10 +265,7 @@ void backward_fused(const Problem& problem, const FusedInputs& inputs, const voi
     return;
   }
   params.grad_output = grad_output;
-  params.grad_value = gradients.value;
-  params.grad_reference_points = gradients.reference_points;
-  params.grad_offsets = gradients.sampling_offsets;
-  params.grad_logits = gradients.attention_logits;
+  set_fused_gradients(params, gradients);
   switch (params.backend) {
     case Backend::reference: return reference::backward_fused(params);
     case Backend::cuda: return cuda::backward(params);

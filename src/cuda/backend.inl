@@ -298,10 +298,12 @@ __global__ void __launch_bounds__(kBlockThreads)
         if (c.inside) {
           std::int64_t rows[4];
           bool in_map[4];
+          A scatter_weight[4];  // atomic variant: a * the corner's bilinear weight
           for (int k = 0; k < 4; ++k) {
             const std::int64_t h = c.h0 + (k >> 1), w = c.w0 + (k & 1);
             in_map[k] = h >= 0 && h < g.height && w >= 0 && w < g.width;
             rows[k] = in_map[k] ? (g.start + h * g.width + w) * row_stride : 0;
+            scatter_weight[k] = smp.a * corner_weight(c, k >> 1, k & 1);
           }
           for (std::int64_t d = lane; d < s.D; d += lanes) {
             const A go = load(g_head, d);
@@ -314,7 +316,7 @@ __global__ void __launch_bounds__(kBlockThreads)
               if (active && out.scatter) {
                 A* base = out.scatter + (n * s.S * s.M + m) * s.D + d;
                 for (int k = 0; k < 4; ++k)
-                  if (in_map[k]) atomicAdd(base + rows[k], smp.a * corner_weight(c, k >> 1, k & 1) * go);
+                  if (in_map[k]) atomicAdd(base + rows[k], scatter_weight[k] * go);
               }
             }
           }
@@ -559,11 +561,16 @@ std::size_t sort_scratch_bytes(std::int64_t samples, int bits, cudaStream_t stre
   return bytes;
 }
 
+std::size_t sort_scratch_bytes(const BucketPlan& plan, cudaStream_t stream) {
+  return plan.wide ? sort_scratch_bytes<std::uint64_t, std::uint64_t>(plan.samples, plan.key_bits, stream)
+                   : sort_scratch_bytes<std::uint32_t, std::uint32_t>(plan.samples, plan.key_bits, stream);
+}
+
+// Whether the backward computes grad_value by the bucketed gather (and so sorts).
+bool bucketed(const Params& p) { return p.grad_value && p.cuda.deterministic; }
+
 std::size_t sort_scratch_for(const Params& p) {
-  if (!p.grad_value || !p.cuda.deterministic) return 0;
-  const BucketPlan plan = plan_buckets(p);
-  return plan.wide ? sort_scratch_bytes<std::uint64_t, std::uint64_t>(plan.samples, plan.key_bits, stream_of(p))
-                   : sort_scratch_bytes<std::uint32_t, std::uint32_t>(plan.samples, plan.key_bits, stream_of(p));
+  return bucketed(p) ? sort_scratch_bytes(plan_buckets(p), stream_of(p)) : 0;
 }
 
 template <class Kernel, class... Args>
@@ -620,9 +627,8 @@ void forward_typed(const Params& p) {
 }
 
 template <class V, class Key, class Index>
-void deterministic_grad_value(const Params& p, Setup<typename MathOf<V>::type>& setup) {
+void deterministic_grad_value(const Params& p, const BucketPlan& plan, Setup<typename MathOf<V>::type>& setup) {
   using A = typename MathOf<V>::type;
-  const BucketPlan plan = plan_buckets(p);
   const Workspace& w = setup.layout;
   const Scratch& scratch = setup.scratch;
   cudaStream_t stream = stream_of(p);
@@ -667,7 +673,8 @@ template <class V>
 void backward_typed(const Params& p) {
   using A = typename MathOf<V>::type;
   cudaStream_t stream = stream_of(p);
-  Setup<A> setup(p, true, sort_scratch_for(p));
+  const BucketPlan plan = bucketed(p) ? plan_buckets(p) : BucketPlan{};
+  Setup<A> setup(p, true, bucketed(p) ? sort_scratch_bytes(plan, stream) : 0);
   const Workspace& w = setup.layout;
   const bool atomic = p.grad_value && !p.cuda.deterministic;
   constexpr bool kStorageOnly = sizeof(V) == 2;
@@ -685,8 +692,6 @@ void backward_typed(const Params& p) {
                                : static_cast<A*>(p.grad_value);
     check(cudaMemsetAsync(out.scatter, 0, static_cast<std::size_t>(value_count) * sizeof(A), stream),
           "zeroing grad_value");
-  }
-  if (atomic) {
     if (p.fused)
       launch_sample_gradients<V, true, true>(p, setup, out);
     else
@@ -700,11 +705,11 @@ void backward_typed(const Params& p) {
   if (atomic && kStorageOnly)
     launch(launch_flat(value_count), stream, round_kernel<V>, reinterpret_cast<const float*>(out.scatter),
            static_cast<V*>(p.grad_value), value_count);
-  if (p.grad_value && p.cuda.deterministic) {
-    if (plan_buckets(p).wide)
-      deterministic_grad_value<V, std::uint64_t, std::uint64_t>(p, setup);
+  if (bucketed(p)) {
+    if (plan.wide)
+      deterministic_grad_value<V, std::uint64_t, std::uint64_t>(p, plan, setup);
     else
-      deterministic_grad_value<V, std::uint32_t, std::uint32_t>(p, setup);
+      deterministic_grad_value<V, std::uint32_t, std::uint32_t>(p, plan, setup);
   }
   if (p.fused && p.grad_reference_points) {
     const std::int64_t per_query = p.L * p.reference_coords;
