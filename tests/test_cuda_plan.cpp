@@ -25,22 +25,6 @@ using namespace msda_test;
 
 msda::Params params_of(const msda::Problem& problem) { return msda::cuda_emulation::params_for(problem); }
 
-msda::Problem problem_of(std::int64_t n, std::int64_t q, std::int64_t m, std::int64_t d, std::int64_t p,
-                         std::vector<msda::Level> levels, DType value = DType::f32) {
-  msda::Problem pr;
-  pr.batch = n;
-  pr.queries = q;
-  pr.heads = m;
-  pr.channels = d;
-  pr.points = p;
-  pr.levels = std::move(levels);
-  pr.level_start_index = msda::level_starts(pr.levels);
-  pr.value_len = 0;
-  for (const auto& l : pr.levels) pr.value_len += l.height * l.width;
-  pr.value_dtype = pr.location_dtype = pr.weight_dtype = pr.reference_dtype = value;
-  return pr;
-}
-
 TEST(CudaPlan, GroupLanesCoverTheChannelsUpToAWarp) {
   EXPECT_EQ(msda::cuda::group_lanes(1), 1);
   EXPECT_EQ(msda::cuda::group_lanes(2), 2);
@@ -67,7 +51,7 @@ TEST(CudaPlan, LaunchesCoverEveryItemWithinTheGridLimit) {
 }
 
 TEST(CudaPlan, BucketsAreTheCellsOfTopLeftCorners) {
-  const msda::Problem pr = problem_of(2, 5, 3, 4, 2, {{3, 4}, {1, 1}});
+  const msda::Problem pr = make_problem({2, 3, 4, 5, 2, {{3, 4}, {1, 1}}}, {});
   const msda::Params p = params_of(pr);
   const BucketPlan plan = msda::cuda::plan_buckets(p);
   EXPECT_EQ(plan.samples, 2 * 5 * 3 * 2 * 2);
@@ -83,12 +67,13 @@ TEST(CudaPlan, BucketsAreTheCellsOfTopLeftCorners) {
 
 TEST(CudaPlan, SixtyFourBitKeysAndIdsWhenThirtyTwoDoNotHold) {
   // 2^32 samples: ids need 64 bits though the buckets are few.
-  msda::Problem pr = problem_of(1, std::int64_t(1) << 28, 1, 1, 16, {{2, 2}});
+  msda::Problem pr = make_problem({1, 1, 1, std::int64_t(1) << 28, 16, {{2, 2}}}, {});
   EXPECT_TRUE(msda::cuda::plan_buckets(params_of(pr)).wide);
   pr.queries = (std::int64_t(1) << 28) - 1;
   EXPECT_FALSE(msda::cuda::plan_buckets(params_of(pr)).wide);
   // Many buckets: 2^33 cells.
-  const msda::Problem maps = problem_of(1, 1, 2, 1, 1, {{(std::int64_t(1) << 16) - 1, (std::int64_t(1) << 16) - 1}});
+  const std::int64_t side = (std::int64_t(1) << 16) - 1;
+  const msda::Problem maps = make_problem({1, 2, 1, 1, 1, {{side, side}}}, {});
   const BucketPlan plan = msda::cuda::plan_buckets(params_of(maps));
   EXPECT_TRUE(plan.wide);
   EXPECT_EQ(plan.key_bits, 34);
@@ -96,7 +81,7 @@ TEST(CudaPlan, SixtyFourBitKeysAndIdsWhenThirtyTwoDoNotHold) {
 
 TEST(CudaPlan, BucketCountsThatOverflowAreAnError) {
   const std::int64_t big = std::int64_t(1) << 31;
-  const msda::Problem pr = problem_of(1 << 10, 1, 1 << 10, 1, 1, {{big, big}});
+  const msda::Problem pr = make_problem({1 << 10, 1 << 10, 1, 1, 1, {{big, big}}}, {});
   try {
     msda::cuda::plan_buckets(params_of(pr));
     FAIL() << "expected an Error";
@@ -119,7 +104,7 @@ void expect_well_formed(const Workspace& w) {
 }
 
 TEST(CudaPlan, WorkspaceHoldsWhatEachPassNeedsAndNothingElse) {
-  const msda::Problem pr = problem_of(2, 7, 3, 5, 4, {{6, 5}, {3, 3}});
+  const msda::Problem pr = make_problem({2, 3, 5, 7, 4, {{6, 5}, {3, 3}}}, {});
   msda::Params p = params_of(pr);
   const std::int64_t samples = 2 * 7 * 3 * 2 * 4;
 
@@ -250,7 +235,7 @@ TEST(CudaBucketing, GatheredGradValueEqualsTheReference) {
 }
 
 TEST(CudaBucketing, OutOfRangeSamplesSortLastAndAreNeverGathered) {
-  const msda::Problem pr = problem_of(1, 1, 1, 1, 3, {{2, 2}});
+  const msda::Problem pr = make_problem({1, 1, 1, 1, 3, {{2, 2}}}, {});
   const msda::Params p = params_of(pr);
   const BucketPlan plan = msda::cuda::plan_buckets(p);
   const LevelGeometry g = msda::cuda::level_geometry(p)[0];
@@ -289,7 +274,7 @@ TEST(CudaApi, AskingForCudaWhereItCannotRunIsAnErrorNotACrash) {
 }
 
 TEST(CudaApi, WorkspaceSizeIsZeroOffTheCudaBackendAndValidates) {
-  const msda::Problem pr = problem_of(1, 2, 2, 3, 2, {{3, 3}});
+  const msda::Problem pr = make_problem({1, 2, 3, 2, 2, {{3, 3}}}, {});
   EXPECT_EQ(msda::workspace_size(pr, msda::Pass::backward), 0u);
   msda::Problem bad = pr;
   bad.points = 0;

@@ -39,7 +39,7 @@ if _reason:
 import msda.workloads  # noqa: E402
 from conftest import (DIFF_KEYS, assert_bitwise, assert_rel, grad_output_for, make_problem,  # noqa: E402
                       run_op)
-from test_fused import (ARGS as FUSED_ARGS, DIFF as FUSED_DIFF, fused_problem,  # noqa: E402
+from test_fused import (ARGS as FUSED_ARGS, DIFF as FUSED_DIFF, FusedOpDtypes, fused_problem,  # noqa: E402
                         module_forward_backward, module_setup, run_fused)
 
 DEVICE = torch.device("cuda", torch.cuda.current_device())
@@ -432,12 +432,17 @@ HOT_ROW = dict(n=1, q=10000, m=2, d=8, shapes=[(1, 1)], p=4)
 DETERMINISM_DTYPES = [(F32, F32), (BF16, F32), (F16, F16), (F64, F64)]
 
 
+def _collision_problem(shape, dtypes, seed):
+    """A COLLIDING or HOT_ROW problem on the GPU and its grad_output."""
+    value_dtype, sample_dtype = dtypes
+    prob = on(make_problem(dtype=value_dtype, loc_dtype=sample_dtype, weight_dtype=sample_dtype, seed=seed, **shape))
+    return prob, grad_output_for(prob, seed=seed + 1).to(DEVICE)
+
+
 @pytest.mark.parametrize("dtypes", DETERMINISM_DTYPES, ids=[f"{_name(v)}-{_name(s)}" for v, s in DETERMINISM_DTYPES])
 @pytest.mark.parametrize("shape", [COLLIDING, HOT_ROW], ids=["colliding", "hot_row"])
 def test_backward_bitwise_across_runs(shape, dtypes):
-    value_dtype, sample_dtype = dtypes
-    prob = on(make_problem(dtype=value_dtype, loc_dtype=sample_dtype, weight_dtype=sample_dtype, seed=21, **shape))
-    grad = grad_output_for(prob, seed=22).to(DEVICE)
+    prob, grad = _collision_problem(shape, dtypes, seed=21)
     first_out, first = check_op(prob, grad)
     for run in range(2):
         poison_allocator(_bytes(prob["value"]), prob["value"].numel() * 4)
@@ -482,8 +487,7 @@ def _atomic(fn, *args):
 @pytest.mark.parametrize("shape", [COLLIDING, HOT_ROW], ids=["colliding", "hot_row"])
 def test_atomic_mode_agrees_with_deterministic(shape, dtypes):
     value_dtype, sample_dtype = dtypes
-    prob = on(make_problem(dtype=value_dtype, loc_dtype=sample_dtype, weight_dtype=sample_dtype, seed=24, **shape))
-    grad = grad_output_for(prob, seed=25).to(DEVICE)
+    prob, grad = _collision_problem(shape, dtypes, seed=24)
     out, grads = check_op(prob, grad)
     atomic_out, atomic_grads = _atomic(check_op, prob, grad)  # within SPEC's bounds of the oracle too
     tol = tol_for(value_dtype, sample_dtype)
@@ -678,17 +682,9 @@ def test_module_on_cuda_equals_cpu(dtype, tol, coords, mask):
 def test_module_under_autocast_bf16():
     mod, args = module_setup(2, F32, seed=3, mask=False)
     mod, args = _module_on_cuda(mod), _args_on_cuda(args)
-    seen = []
-
-    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.msda.ms_deform_attn_fused.default:
-                seen.append(tuple(a.dtype for a in (args[0], args[3], args[4], args[5])))
-            return func(*args, **(kwargs or {}))
-
-    with torch.autocast("cuda", dtype=BF16), torch.no_grad(), Spy():
+    with torch.autocast("cuda", dtype=BF16), torch.no_grad(), FusedOpDtypes() as spy:
         mod(*args)
-    assert seen == [(BF16, F32, BF16, BF16)], seen
+    assert spy.seen == [(BF16, F32, BF16, BF16)], spy.seen
     leaves = [a.clone().requires_grad_() for a in args[:3]]
     with torch.autocast("cuda", dtype=BF16):
         out = mod(*leaves, *args[3:])

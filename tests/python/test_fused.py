@@ -323,19 +323,25 @@ def test_state_dict_round_trip_and_no_new_state():
     torch.testing.assert_close(other(*args), mod(*args), rtol=1e-11, atol=1e-12)
 
 
+class FusedOpDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the dtypes (value, reference_points, sampling_offsets, attention_logits) of every
+    ms_deform_attn_fused call made inside it, in `seen`."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.msda.ms_deform_attn_fused.default:
+            self.seen.append(tuple(a.dtype for a in (args[0], args[3], args[4], args[5])))
+        return func(*args, **(kwargs or {}))
+
+
 def test_autocast_gives_the_op_16_bit_projections_and_f32_reference_points():
     mod, args = module_setup(2, torch.float32, seed=3, mask=False)
-    seen = []
-
-    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.msda.ms_deform_attn_fused.default:
-                seen.append(tuple(a.dtype for a in (args[0], args[3], args[4], args[5])))
-            return func(*args, **(kwargs or {}))
-
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad(), Spy():
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad(), FusedOpDtypes() as spy:
         out = mod(*args)
-    assert seen == [(torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16)], seen
+    assert spy.seen == [(torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16)], spy.seen
     with torch.no_grad():
         want = mod(*args)
     assert_rel(out.float(), want, 3e-2, "autocast output")
