@@ -174,9 +174,9 @@ TEST(Concurrency, CallsFromInsideAnOpenMPParallelRegion) {
   }
 }
 
-// An allocation that cannot succeed (a 4 TiB per-thread accumulator, allowed by a huge budget)
-// surfaces as std::bad_alloc before anything is written; nothing leaks (LeakSanitizer in the
-// sanitizer build).
+// An allocation that cannot succeed (a 4 TiB per-thread f32 accumulator of a bf16 value,
+// allowed by a huge budget) surfaces as std::bad_alloc before anything is written; nothing leaks
+// (LeakSanitizer in the sanitizer build).
 TEST(FailurePaths, AllocationFailureIsBadAllocAndWritesNothing) {
 #if defined(__SANITIZE_ADDRESS__)
   GTEST_SKIP() << "AddressSanitizer's operator new reports out-of-memory and aborts instead of throwing";
@@ -186,16 +186,19 @@ TEST(FailurePaths, AllocationFailureIsBadAllocAndWritesNothing) {
   p.levels = {{std::int64_t(1) << 20, std::int64_t(1) << 20}};
   p.level_start_index = msda::level_starts(p.levels);
   p.value_len = std::int64_t(1) << 40;
+  p.value_dtype = DType::bf16;
   // One sample; the only allocation that fails is the per-thread accumulator of the 2^40 rows,
   // made before any kernel runs, so the small buffers standing in for the 2 TiB tensors are
   // never read or written.
-  std::vector<float> value(16, 1.0f), grad_value(16, 7.0f), locations{0.5f, 0.5f}, weights{1.0f}, grad_out{1.0f};
+  const msda::bf16 one = msda::float_to_bf16(1.0f), seven = msda::float_to_bf16(7.0f);
+  std::vector<msda::bf16> value(16, one), grad_value(16, seven), grad_out{one};
+  std::vector<float> locations{0.5f, 0.5f}, weights{1.0f};
   msda::Options o{1, Backend::cpu};
   o.tuning.accumulator_budget = std::int64_t(1) << 62;
   EXPECT_THROW(msda::backward(p, {value.data(), locations.data(), weights.data()}, grad_out.data(),
                               {grad_value.data(), nullptr, nullptr}, o),
                std::bad_alloc);
-  for (float x : grad_value) EXPECT_EQ(x, 7.0f);
+  for (msda::bf16 x : grad_value) EXPECT_EQ(msda::bf16_to_float(x), 7.0f);
 }
 
 }  // namespace

@@ -106,9 +106,9 @@ struct BackwardPlan {
   std::int64_t bands = 1;
 };
 
-// The grad_value rows of a part are summed in a per-thread copy in the compute type; above
+// bf16 and f16 sum a part's grad_value rows in a per-thread f32 copy (sums_in_place); above
 // Params::accumulator_budget bytes (64 MiB by default) a part shrinks to one level, then to bands
-// of a level's rows.
+// of a level's rows. f32 and f64 sum in grad_value and need neither.
 
 std::int64_t compute_bytes(const Params& p) { return p.problem->value_dtype == DType::f64 ? 8 : 4; }
 
@@ -123,11 +123,12 @@ BackwardPlan plan_scatter(const Params& p) {
   const std::int64_t row_bytes = p.D * compute_bytes(p);
   // Parts of (n, m) and all levels read and write each sample's data once, in order; with fewer
   // (n, m) pairs than threads, parts of one level each keep every thread busy.
+  const bool own_rows = p.grad_value && !sums_in_place(p.problem->value_dtype);
   const std::int64_t budget = p.accumulator_budget;
-  if (p.N * p.M >= p.threads && !p.level_parts && (!p.grad_value || p.S * row_bytes <= budget))
+  if (p.N * p.M >= p.threads && !p.level_parts && (!own_rows || p.S * row_bytes <= budget))
     plan.levels_per_part = p.L;
   const std::int64_t rows = plan.levels_per_part == p.L ? p.S : max_level_rows(p);
-  if (p.grad_value && rows * row_bytes > budget) {
+  if (own_rows && rows * row_bytes > budget) {
     plan.band_rows = std::max<std::int64_t>(1, budget / row_bytes);
     plan.bands = (rows + plan.band_rows - 1) / plan.band_rows;
   }
@@ -155,7 +156,7 @@ struct ScratchBuffer {
       scratch.band_rows = plan->band_rows;
       scratch.bands = plan->bands;
       scratch.grads_bytes = round_up(LP * 3 * 8);
-      if (p.grad_value) {  // one part's (or band's) grad_value rows in the compute type
+      if (p.grad_value && !sums_in_place(p.problem->value_dtype)) {  // one part's (or band's) rows, f32
         std::int64_t rows = plan->levels_per_part == p.L ? p.S : max_level_rows(p);
         if (plan->band_rows > 0) rows = std::min(rows, plan->band_rows);
         extra = round_up(static_cast<std::size_t>(rows * p.D * compute_bytes(p)));

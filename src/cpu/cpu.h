@@ -21,6 +21,11 @@ void backward(const Params& params);
 // reference-point gradients (fused_epilogue in kernels.inl).
 void backward_fused(const Params& params);
 
+// Whether the backward sums grad_value in grad_value itself, as f32 and f64 can (their compute
+// type is their own), or in a per-thread f32 copy of each part's rows, rounded once at the end,
+// as bf16 and f16 need. In place needs no per-thread rows, so no accumulator budget either.
+inline bool sums_in_place(DType value_dtype) { return value_dtype == DType::f32 || value_dtype == DType::f64; }
+
 // Per-thread working memory, allocated by the dispatcher before any parallel region (so that a
 // bad_alloc reaches the caller) and handed to the kernels. Each thread's slice is laid out as
 // [channels | group | extra]: one row of D channels (runtime D), the geometry of one group of

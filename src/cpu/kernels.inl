@@ -734,6 +734,8 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
   const V* grad_out = static_cast<const V*>(p.grad_output);
   V* grad_value = static_cast<V*>(p.grad_value);
   const bool want_dots = p.wants_sample_gradients();
+  // grad_value in its own compute type (f32, f64): summed in place (cpu.h, sums_in_place).
+  constexpr bool kInPlace = std::is_same_v<V, C>;
 
 #pragma omp parallel num_threads(p.threads)
   {
@@ -744,6 +746,17 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
     C* grads = reinterpret_cast<C*>(mine + scratch.channels_bytes + scratch.group_bytes);  // [3][L*P]
     C* own_rows = reinterpret_cast<C*>(mine + scratch.channels_bytes + scratch.group_bytes + scratch.grads_bytes);
     group.set_levels(p);
+    if (kInPlace && grad_value) {
+      // The whole of grad_value, zeroed in contiguous runs (the parts' rows are strided by M*D)
+      // before any part adds into it: the loop's barrier orders the two.
+      constexpr std::int64_t kRun = std::int64_t(1) << 14;  // elements per run: 64 KiB of f32
+      const std::int64_t total = p.N * p.S * row_stride;
+#pragma omp for schedule(static)
+      for (std::int64_t run = 0; run < (total + kRun - 1) / kRun; ++run) {
+        const std::int64_t begin = run * kRun, count = total - begin < kRun ? total - begin : kRun;
+        __builtin_memset(static_cast<void*>(grad_value + begin), 0, static_cast<std::size_t>(count) * sizeof(V));
+      }
+    }
 #pragma omp for schedule(static)
     for (std::int64_t part = 0; part < p.N * p.M * parts_per_nm; ++part) {
       const std::int64_t n = part / (p.M * parts_per_nm), m = part / parts_per_nm % p.M, unit = part % parts_per_nm;
@@ -763,13 +776,20 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
       const std::int64_t first_row = p.level_start[l_begin] + row_begin;
       const std::int64_t rows = row_end > row_begin ? row_end - row_begin : 0;
       const std::int64_t s_begin = l_begin * P, s_end = l_end * P;
-      // acc + r * D accumulates grad_value[n, first_row + r, m, :] in the compute type, in a
-      // contiguous copy of the part's rows (head-major: denser in cache and TLB than the
-      // M*D-strided rows of grad_value itself), stored once at the end: rounded once for bf16
-      // and f16 (SPEC "Precision").
-      C* acc = grad_value ? own_rows : nullptr;
-      const std::int64_t acc_stride = D;
-      if (acc) __builtin_memset(static_cast<void*>(acc), 0, static_cast<std::size_t>(rows * D) * sizeof(C));
+      // acc + r * acc_stride accumulates grad_value[n, first_row + r, m, :] in the compute type.
+      // f32 and f64 sum in grad_value itself, zeroed above: a copy would be zeroed, then read
+      // and written out again, three passes over rows that decoders barely touch. bf16 and f16
+      // sum in a contiguous f32 copy of the part's rows, stored once at the end: rounded once
+      // (SPEC "Precision").
+      C* acc = nullptr;
+      std::int64_t acc_stride = D;
+      if (grad_value && kInPlace) {
+        acc = reinterpret_cast<C*>(grad_value) + p.value_offset(n, first_row, m);
+        acc_stride = row_stride;
+      } else if (grad_value) {
+        acc = own_rows;
+        __builtin_memset(static_cast<void*>(acc), 0, static_cast<std::size_t>(rows * D) * sizeof(C));
+      }
 
       for (std::int64_t q = q_begin; q < q_end; ++q) {
         const std::int64_t first = p.sample_index(n, q, m, l_begin, 0), count = s_end - s_begin;
@@ -779,6 +799,18 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
         }
         group.load(p, first, count, s_begin);
         group.locate_range(s_begin, s_end);
+        // Every corner row of the query's samples requested before the first is used: where
+        // locations scatter (decoders), the rows come from the last-level cache or memory, and
+        // one sample's loads alone would leave the CPU waiting on each in turn.
+        for (std::int64_t l = l_begin, s = s_begin; l < l_end; ++l) {
+          const V* level = value + p.value_offset(n, p.level_start[l], m);
+          for (std::int64_t pt = 0; pt < P; ++pt, ++s)
+            for (int c = 0; c < 4; ++c)
+              if (const std::int64_t px = group.pixel[c * group.capacity + s]; px >= 0) {
+                if (want_dots) prefetch(level + px * row_stride, static_cast<std::size_t>(D) * sizeof(V));
+                if (acc && kInPlace) prefetch(acc + (p.level_start[l] - first_row + px) * acc_stride, static_cast<std::size_t>(D) * sizeof(C));
+              }
+        }
         g.load_row(grad_out + p.output_offset(n, q, m));
         for (std::int64_t l = l_begin, s = s_begin; l < l_end; ++l) {
           const V* level = value + p.value_offset(n, p.level_start[l], m);
@@ -841,7 +873,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
         if (p.grad_weights) store_values(p.grad_weights, first, count, p.problem->weight_dtype, grads);
         if (p.grad_locations) store_values(p.grad_locations, 2 * first, 2 * count, p.problem->location_dtype, grads + count);
       }
-      if (acc)
+      if (acc && !kInPlace)
         for (std::int64_t r = 0; r < rows; ++r) {
           V* dst = grad_value + p.value_offset(n, first_row + r, m);
           for (std::int64_t d = 0; d < D; ++d) dst[d] = Storage<V>::store(acc[r * D + d]);
