@@ -271,6 +271,12 @@ int main(int argc, char** argv) try {
     o.tuning.level_parts = true;
     variants.push_back({"level_parts=true (backward parts of one level)", o});
   }
+  for (auto [scatter, name] : {std::pair{msda::CpuTuning::Scatter::copy, "scatter=copy (a part's rows in a copy)"},
+                               std::pair{msda::CpuTuning::Scatter::in_place, "scatter=in_place (f32: in grad_value)"}}) {
+    msda::Options o{threads};
+    o.tuning.scatter = scatter;
+    variants.push_back({name, o});
+  }
 #if defined(__aarch64__)
   for (msda::Isa isa : {msda::Isa::neon, msda::Isa::baseline}) {
 #else

@@ -823,6 +823,10 @@ void fuzz_problem(Reader& r) {
   options.tuning.level_parts = (tb & 2) != 0;
   static constexpr std::int64_t kBlocks[4] = {0, 1, 3, 64};
   options.tuning.query_block = kBlocks[(tb >> 2) & 3];
+  static constexpr msda::CpuTuning::Scatter kScatters[4] = {
+      msda::CpuTuning::Scatter::automatic, msda::CpuTuning::Scatter::copy, msda::CpuTuning::Scatter::in_place,
+      msda::CpuTuning::Scatter::automatic};
+  options.tuning.scatter = kScatters[(tb >> 4) & 3];
 
   std::unique_ptr<Results> widest;  // the results of the widest instruction set this CPU has
   // Narrowest to widest of each architecture; the other architecture's are rejected (skipped).

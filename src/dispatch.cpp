@@ -53,6 +53,9 @@ void check_tuning(const Options& options) {
   if (options.tuning.accumulator_budget < 0)
     throw Error("options.tuning.accumulator_budget", ">= 0 bytes (0 = the default)",
                 std::to_string(options.tuning.accumulator_budget));
+  if (static_cast<unsigned>(options.tuning.scatter) > static_cast<unsigned>(CpuTuning::Scatter::in_place))
+    throw Error("options.tuning.scatter", "automatic (0), copy (1) or in_place (2)",
+                std::to_string(static_cast<unsigned>(options.tuning.scatter)));
 }
 
 }  // namespace
@@ -92,6 +95,7 @@ Params make_params(const Problem& problem, const void* value, const void* locati
   params.stage_value = options.tuning.stage_value;
   params.level_parts = options.tuning.level_parts;
   if (options.tuning.accumulator_budget > 0) params.accumulator_budget = options.tuning.accumulator_budget;
+  params.scatter = options.tuning.scatter;
   params.cuda = options.cuda;
   return params;
 }

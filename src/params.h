@@ -49,6 +49,7 @@ struct Params {
   bool stage_value = false;       // cpu forward: gather from a padded head-major copy of value
   bool level_parts = false;       // cpu backward: one level per part even with enough (n, m) pairs
   std::int64_t accumulator_budget = std::int64_t(64) << 20;  // cpu backward: bytes per part's rows
+  CpuTuning::Scatter scatter = CpuTuning::Scatter::automatic;  // cpu backward: where a part sums its rows
   CudaOptions cuda;  // cuda backend: stream, caller's workspace, deterministic backward
 
   // The padded head-major layout of value (cpu backend): for each (n, m), level l occupies

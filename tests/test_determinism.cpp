@@ -151,5 +151,38 @@ TEST(DeterminismManyThreads, BandedAccumulatorGivesTheSameBits) {
   }
 }
 
+// A part's grad_value rows summed in a per-thread copy or in grad_value itself (f32, f64): the
+// same terms in the same order, so the same bits, at any thread count and with either plan of
+// parts; bf16 always uses the copy, so there the switch must change nothing either. Decoder-like
+// (few corners per row: automatic picks in place) and encoder-like (many: the copy) problems.
+TEST(DeterminismManyThreads, ScatterInPlaceOrCopyGivesTheSameBits) {
+  for (std::int64_t queries : {40, 600}) {
+    Shape s;
+    s.batch = 2, s.heads = 2, s.channels = 32, s.queries = queries, s.points = 3;
+    s.levels = {{20, 24}, {10, 12}};
+    for (DType dtype : {DType::f32, DType::f64, DType::bf16}) {
+      const Case c = make_case(s, {dtype, dtype, dtype}, Locations::mixed, case_seed(static_cast<int>(queries)));
+      for (msda::Isa isa : cpu_isas()) {
+        SCOPED_TRACE("isa " + std::string(msda::name(isa)) + " " + c.label);
+        msda::Options base{1, Backend::cpu, isa};
+        base.tuning.scatter = msda::CpuTuning::Scatter::copy;
+        Results copy(c.problem);
+        run_all(c.problem, c.tensors, copy, base);
+        for (auto scatter : {msda::CpuTuning::Scatter::in_place, msda::CpuTuning::Scatter::automatic})
+          for (int t : {1, 3, 5}) {
+            SCOPED_TRACE("scatter " + std::to_string(static_cast<int>(scatter)) + " threads=" + std::to_string(t));
+            msda::Options o{t, Backend::cpu, isa};
+            o.tuning.scatter = scatter;
+            Results other(c.problem);
+            run_all(c.problem, c.tensors, other, o);
+            EXPECT_TRUE(other.grad_value.same_bytes(copy.grad_value)) << "grad_value";
+            EXPECT_TRUE(other.grad_locations.same_bytes(copy.grad_locations)) << "grad_sampling_locations";
+            EXPECT_TRUE(other.grad_weights.same_bytes(copy.grad_weights)) << "grad_attention_weights";
+          }
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace msda_test

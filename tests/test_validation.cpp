@@ -254,6 +254,30 @@ TEST(Validation, InstructionSets) {
   EXPECT_FALSE(cpu_isas().empty());
 }
 
+// Out-of-range tuning values are an Error naming the switch, before anything is written.
+TEST(Validation, TuningOutOfRange) {
+  const msda::Problem p = base_problem();
+  auto expect_rejected = [&](const msda::Options& o, const char* argument) {
+    Sentinels s;
+    try {
+      msda::forward(p, s.in(), s.output.data(), o);
+      ADD_FAILURE() << argument << " was accepted";
+    } catch (const msda::Error& e) {
+      EXPECT_EQ(e.argument(), std::string("options.tuning.") + argument) << e.what();
+    }
+    EXPECT_TRUE(s.untouched());
+  };
+  msda::Options o{1, Backend::cpu};
+  o.tuning.query_block = -1;
+  expect_rejected(o, "query_block");
+  o = {1, Backend::cpu};
+  o.tuning.accumulator_budget = -1;
+  expect_rejected(o, "accumulator_budget");
+  o = {1, Backend::cpu};
+  o.tuning.scatter = static_cast<msda::CpuTuning::Scatter>(3);
+  expect_rejected(o, "scatter");
+}
+
 TEST(Validation, ErrorIsAnInvalidArgument) {
   msda::Problem p = base_problem();
   p.points = 0;

@@ -150,6 +150,17 @@ struct CpuTuning {
   // pass re-reads the samples). f32 and f64 sum in grad_value itself and ignore it.
   // 0 = the default, 64 MiB.
   std::int64_t accumulator_budget = 0;
+  // backward: where a part sums its grad_value rows. Both give the same bits: each row's terms
+  // are added in the same order, from the same zero.
+  //   copy       in a contiguous per-thread copy of the part's rows (the compute type), zeroed,
+  //              then stored once: three passes over the rows, cheap to add into
+  //   in_place   f32 and f64: in grad_value itself, zeroed once up front: one pass, but each
+  //              corner is a read-modify-write of a row M*D elements from its neighbours (bf16
+  //              and f16 always use the copy, to round once)
+  //   automatic  in place where a (batch, head) has at most 2 corners per row on average
+  //              (ddetr-dec, rtdetr-dec), the copy otherwise (encoders, dino-dec)
+  enum class Scatter : std::uint8_t { automatic, copy, in_place };
+  Scatter scatter = Scatter::automatic;
 };
 
 // The cuda backend's settings. Its calls are asynchronous: they enqueue kernels on `stream` and

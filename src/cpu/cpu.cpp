@@ -104,11 +104,8 @@ struct BackwardPlan {
   std::int64_t query_parts = 1;      // > 1 only without grad_value
   std::int64_t band_rows = 0;        // grad_value rows per band of a level; 0: whole levels
   std::int64_t bands = 1;
+  bool in_place = false;             // f32/f64: summed in grad_value, no per-part copy
 };
-
-// bf16 and f16 sum a part's grad_value rows in a per-thread f32 copy (sums_in_place); above
-// Params::accumulator_budget bytes (64 MiB by default) a part shrinks to one level, then to bands
-// of a level's rows. f32 and f64 sum in grad_value and need neither.
 
 std::int64_t compute_bytes(const Params& p) { return p.problem->value_dtype == DType::f64 ? 8 : 4; }
 
@@ -118,13 +115,29 @@ std::int64_t max_level_rows(const Params& p) {
   return rows;
 }
 
+// Corners per grad_value row, on average, up to which f32 and f64 sum in place (plan_scatter).
+constexpr std::int64_t kInPlaceCornersPerRow = 2;
+
+// Unless summed in place, a part's grad_value rows are summed in a per-thread copy in the compute
+// type; above Params::accumulator_budget bytes (64 MiB by default) a part shrinks to one level,
+// then to bands of a level's rows.
 BackwardPlan plan_scatter(const Params& p) {
   BackwardPlan plan;
   const std::int64_t row_bytes = p.D * compute_bytes(p);
   // Parts of (n, m) and all levels read and write each sample's data once, in order; with fewer
   // (n, m) pairs than threads, parts of one level each keep every thread busy.
-  const bool own_rows = p.grad_value && !sums_in_place(p.problem->value_dtype);
   const std::int64_t budget = p.accumulator_budget;
+  // A part's rows are summed in a contiguous copy, zeroed, added into and stored once (three
+  // passes over its rows), or, for f32 and f64, in grad_value itself after one contiguous zeroing
+  // (a read-modify-write of an M*D-strided row per corner). The copy wins where each row gets
+  // several corners (encoders: 64 per row on ddetr-enc; dino-dec: 3.2), in place where rows get
+  // about one (ddetr-dec 1.1, rtdetr-dec 1.7): README, "Measured".
+  if (p.grad_value && (p.problem->value_dtype == DType::f32 || p.problem->value_dtype == DType::f64)) {
+    const std::int64_t corners = p.Q * p.L * p.P * 4;  // of a (batch, head); 64 bits for any valid problem
+    plan.in_place = p.scatter == CpuTuning::Scatter::in_place ||
+                    (p.scatter == CpuTuning::Scatter::automatic && corners <= kInPlaceCornersPerRow * p.S);
+  }
+  const bool own_rows = p.grad_value && !plan.in_place;
   if (p.N * p.M >= p.threads && !p.level_parts && (!own_rows || p.S * row_bytes <= budget))
     plan.levels_per_part = p.L;
   const std::int64_t rows = plan.levels_per_part == p.L ? p.S : max_level_rows(p);
@@ -135,9 +148,66 @@ BackwardPlan plan_scatter(const Params& p) {
   return plan;
 }
 
-// 64-byte aligned per-thread scratch; its layout is Scratch's.
+// Memory kept between calls: a fresh allocation of megabytes page-faults on every call (README,
+// "What did not pay": ~20 ms for a value-sized buffer). A call leases its slot's cached buffer
+// when it is large enough, else allocates its own, and hands it back at the end, where the larger
+// of the two stays; concurrent calls never share a buffer, and none above kMaxCachedBytes is kept.
+// Slots: the kernels' per-thread scratch, and the fused backward's reference-point partials,
+// which are leased while the scratch is.
+class Workspace {
+ public:
+  enum Slot { scratch, partials, slots };
+  static constexpr std::size_t kMaxCachedBytes = std::size_t(256) << 20;
+
+  Workspace(std::size_t bytes, Slot slot) : slot_(slot) {
+    if (bytes == 0) return;
+    {
+      const std::lock_guard<std::mutex> lock(mutex());
+      Cached& c = cached(slot_);
+      if (c.bytes >= bytes && c.memory) {
+        memory_ = std::move(c.memory);
+        bytes_ = c.bytes;
+        c.bytes = 0;
+        return;
+      }
+    }
+    memory_.reset(new std::byte[bytes]);
+    bytes_ = bytes;
+  }
+  ~Workspace() {
+    if (!memory_ || bytes_ > kMaxCachedBytes) return;
+    const std::lock_guard<std::mutex> lock(mutex());
+    Cached& c = cached(slot_);
+    if (bytes_ > c.bytes) {
+      c.memory = std::move(memory_);
+      c.bytes = bytes_;
+    }
+  }
+  Workspace(const Workspace&) = delete;
+  Workspace& operator=(const Workspace&) = delete;
+  std::byte* data() const { return memory_.get(); }
+
+ private:
+  struct Cached {
+    std::unique_ptr<std::byte[]> memory;
+    std::size_t bytes = 0;
+  };
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static Cached& cached(Slot slot) {
+    static Cached c[slots];
+    return c[slot];
+  }
+  Slot slot_;
+  std::unique_ptr<std::byte[]> memory_;
+  std::size_t bytes_ = 0;
+};
+
+// 64-byte aligned per-thread scratch (kept between calls: Workspace); its layout is Scratch's.
 struct ScratchBuffer {
-  std::unique_ptr<std::byte[]> storage;
+  std::unique_ptr<Workspace> storage;
   Scratch scratch;
 
   ScratchBuffer(const Params& p, const BackwardPlan* plan) {
@@ -156,7 +226,8 @@ struct ScratchBuffer {
       scratch.band_rows = plan->band_rows;
       scratch.bands = plan->bands;
       scratch.grads_bytes = round_up(LP * 3 * 8);
-      if (p.grad_value && !sums_in_place(p.problem->value_dtype)) {  // one part's (or band's) rows, f32
+      scratch.in_place = plan->in_place;
+      if (p.grad_value && !plan->in_place) {  // one part's (or band's) rows in the compute type
         std::int64_t rows = plan->levels_per_part == p.L ? p.S : max_level_rows(p);
         if (plan->band_rows > 0) rows = std::min(rows, plan->band_rows);
         extra = round_up(static_cast<std::size_t>(rows * p.D * compute_bytes(p)));
@@ -167,9 +238,9 @@ struct ScratchBuffer {
       extra = round_up(static_cast<std::size_t>(p.D) * 8);
     }
     scratch.stride = scratch.channels_bytes + scratch.group_bytes + scratch.grads_bytes + extra + 64;
-    storage.reset(new std::byte[scratch.stride * static_cast<std::size_t>(p.threads) + 64]);
-    const auto address = reinterpret_cast<std::uintptr_t>(storage.get());
-    scratch.base = storage.get() + (64 - address % 64) % 64;
+    storage = std::make_unique<Workspace>(scratch.stride * static_cast<std::size_t>(p.threads) + 64, Workspace::scratch);
+    const auto address = reinterpret_cast<std::uintptr_t>(storage->data());
+    scratch.base = storage->data() + (64 - address % 64) % 64;
   }
 };
 
@@ -196,58 +267,6 @@ struct StagedValue {
     madvise(memory.get(), bytes, MADV_HUGEPAGE);  // advice only: failure changes nothing
 #endif
   }
-};
-
-// The fused backward's per-sample scratch, kept between calls: a fresh allocation of tens of MB
-// would page-fault on every call (README, "What did not pay": ~20 ms for a value-sized buffer).
-// A call leases the cached buffer when it is large enough, else allocates its own, and hands it
-// back at the end, where the larger of the two stays; concurrent calls never share a buffer, and
-// none above kMaxCachedBytes is kept.
-class Workspace {
- public:
-  static constexpr std::size_t kMaxCachedBytes = std::size_t(256) << 20;
-
-  explicit Workspace(std::size_t bytes) {
-    if (bytes == 0) return;
-    {
-      const std::lock_guard<std::mutex> lock(mutex());
-      if (cached_bytes() >= bytes && cached()) {
-        memory_ = std::move(cached());
-        bytes_ = cached_bytes();
-        cached_bytes() = 0;
-        return;
-      }
-    }
-    memory_.reset(new std::byte[bytes]);
-    bytes_ = bytes;
-  }
-  ~Workspace() {
-    if (!memory_ || bytes_ > kMaxCachedBytes) return;
-    const std::lock_guard<std::mutex> lock(mutex());
-    if (bytes_ > cached_bytes()) {
-      cached() = std::move(memory_);
-      cached_bytes() = bytes_;
-    }
-  }
-  Workspace(const Workspace&) = delete;
-  Workspace& operator=(const Workspace&) = delete;
-  std::byte* data() const { return memory_.get(); }
-
- private:
-  static std::mutex& mutex() {
-    static std::mutex m;
-    return m;
-  }
-  static std::unique_ptr<std::byte[]>& cached() {
-    static std::unique_ptr<std::byte[]> memory;
-    return memory;
-  }
-  static std::size_t& cached_bytes() {
-    static std::size_t bytes = 0;
-    return bytes;
-  }
-  std::unique_ptr<std::byte[]> memory_;
-  std::size_t bytes_ = 0;
 };
 
 }  // namespace
@@ -307,7 +326,7 @@ void backward_fused(const Params& params) {
       __builtin_mul_overflow(static_cast<std::size_t>(params.N * params.M * params.Q * params.L),
                              static_cast<std::size_t>(params.reference_coords) * sizeof(double), &bytes))
     throw std::bad_alloc();
-  Workspace workspace(bytes);
+  Workspace workspace(bytes, Workspace::partials);
   kernel.reference_partials = reinterpret_cast<double*>(workspace.data());
   backward(kernel);
   if (params.grad_reference_points) target.fused_epilogue(kernel, Scratch{});

@@ -21,11 +21,6 @@ void backward(const Params& params);
 // reference-point gradients (fused_epilogue in kernels.inl).
 void backward_fused(const Params& params);
 
-// Whether the backward sums grad_value in grad_value itself, as f32 and f64 can (their compute
-// type is their own), or in a per-thread f32 copy of each part's rows, rounded once at the end,
-// as bf16 and f16 need. In place needs no per-thread rows, so no accumulator budget either.
-inline bool sums_in_place(DType value_dtype) { return value_dtype == DType::f32 || value_dtype == DType::f64; }
-
 // Per-thread working memory, allocated by the dispatcher before any parallel region (so that a
 // bad_alloc reaches the caller) and handed to the kernels. Each thread's slice is laid out as
 // [channels | group | extra]: one row of D channels (runtime D), the geometry of one group of
@@ -41,6 +36,7 @@ struct Scratch {
   std::int64_t query_parts = 1;     // backward without grad_value: query ranges per part
   std::int64_t band_rows = 0;       // backward scatter: rows per band of a level (0: no bands)
   std::int64_t bands = 1;
+  bool in_place = false;             // backward: f32/f64 grad_value summed in itself (cpu.cpp)
   void* staged_value = nullptr;    // forward: the padded head-major copy of value, or null
   std::byte* for_thread(int thread) const { return base + static_cast<std::size_t>(thread) * stride; }
 };

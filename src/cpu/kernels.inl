@@ -734,8 +734,8 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
   const V* grad_out = static_cast<const V*>(p.grad_output);
   V* grad_value = static_cast<V*>(p.grad_value);
   const bool want_dots = p.wants_sample_gradients();
-  // grad_value in its own compute type (f32, f64): summed in place (cpu.h, sums_in_place).
-  constexpr bool kInPlace = std::is_same_v<V, C>;
+  // Summed in grad_value itself (f32, f64, where the plan says so: cpu.cpp), or in own_rows.
+  const bool in_place = std::is_same_v<V, C> && scratch.in_place;
 
 #pragma omp parallel num_threads(p.threads)
   {
@@ -746,7 +746,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
     C* grads = reinterpret_cast<C*>(mine + scratch.channels_bytes + scratch.group_bytes);  // [3][L*P]
     C* own_rows = reinterpret_cast<C*>(mine + scratch.channels_bytes + scratch.group_bytes + scratch.grads_bytes);
     group.set_levels(p);
-    if (kInPlace && grad_value) {
+    if (in_place && grad_value) {
       // The whole of grad_value, zeroed in contiguous runs (the parts' rows are strided by M*D)
       // before any part adds into it: the loop's barrier orders the two.
       constexpr std::int64_t kRun = std::int64_t(1) << 14;  // elements per run: 64 KiB of f32
@@ -776,14 +776,12 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
       const std::int64_t first_row = p.level_start[l_begin] + row_begin;
       const std::int64_t rows = row_end > row_begin ? row_end - row_begin : 0;
       const std::int64_t s_begin = l_begin * P, s_end = l_end * P;
-      // acc + r * acc_stride accumulates grad_value[n, first_row + r, m, :] in the compute type.
-      // f32 and f64 sum in grad_value itself, zeroed above: a copy would be zeroed, then read
-      // and written out again, three passes over rows that decoders barely touch. bf16 and f16
-      // sum in a contiguous f32 copy of the part's rows, stored once at the end: rounded once
-      // (SPEC "Precision").
+      // acc + r * acc_stride accumulates grad_value[n, first_row + r, m, :] in the compute type:
+      // in grad_value itself, zeroed above, or in a contiguous copy of the part's rows, zeroed
+      // here and stored once at the end (bf16 and f16 are then rounded once: SPEC "Precision").
       C* acc = nullptr;
       std::int64_t acc_stride = D;
-      if (grad_value && kInPlace) {
+      if (grad_value && in_place) {
         acc = reinterpret_cast<C*>(grad_value) + p.value_offset(n, first_row, m);
         acc_stride = row_stride;
       } else if (grad_value) {
@@ -808,7 +806,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
             for (int c = 0; c < 4; ++c)
               if (const std::int64_t px = group.pixel[c * group.capacity + s]; px >= 0) {
                 if (want_dots) prefetch(level + px * row_stride, static_cast<std::size_t>(D) * sizeof(V));
-                if (acc && kInPlace) prefetch(acc + (p.level_start[l] - first_row + px) * acc_stride, static_cast<std::size_t>(D) * sizeof(C));
+                if (acc) prefetch(acc + (p.level_start[l] - first_row + px) * acc_stride, static_cast<std::size_t>(D) * sizeof(C));
               }
         }
         g.load_row(grad_out + p.output_offset(n, q, m));
@@ -873,7 +871,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
         if (p.grad_weights) store_values(p.grad_weights, first, count, p.problem->weight_dtype, grads);
         if (p.grad_locations) store_values(p.grad_locations, 2 * first, 2 * count, p.problem->location_dtype, grads + count);
       }
-      if (acc && !kInPlace)
+      if (acc && !in_place)
         for (std::int64_t r = 0; r < rows; ++r) {
           V* dst = grad_value + p.value_offset(n, first_row + r, m);
           for (std::int64_t d = 0; d < D; ++d) dst[d] = Storage<V>::store(acc[r * D + d]);
