@@ -123,6 +123,13 @@ TEST(DeterminismManyThreads, LocationAndWeightGradientsOnly) {
   }
 }
 
+// The three gradients of two runs, bit for bit.
+void expect_same_gradients(const Results& got, const Results& want) {
+  EXPECT_TRUE(got.grad_value.same_bytes(want.grad_value)) << "grad_value";
+  EXPECT_TRUE(got.grad_locations.same_bytes(want.grad_locations)) << "grad_sampling_locations";
+  EXPECT_TRUE(got.grad_weights.same_bytes(want.grad_weights)) << "grad_attention_weights";
+}
+
 // Maps too large for the per-thread accumulator are cut into bands of rows (a tiny budget forces
 // it here): the bits must equal the unbanded result's, at any thread count.
 TEST(DeterminismManyThreads, BandedAccumulatorGivesTheSameBits) {
@@ -142,9 +149,7 @@ TEST(DeterminismManyThreads, BandedAccumulatorGivesTheSameBits) {
           o.tuning.accumulator_budget = budget;
           Results banded(c.problem);
           run_all(c.problem, c.tensors, banded, o);
-          EXPECT_TRUE(banded.grad_value.same_bytes(whole.grad_value)) << "grad_value";
-          EXPECT_TRUE(banded.grad_locations.same_bytes(whole.grad_locations)) << "grad_sampling_locations";
-          EXPECT_TRUE(banded.grad_weights.same_bytes(whole.grad_weights)) << "grad_attention_weights";
+          expect_same_gradients(banded, whole);
         }
       }
     }
@@ -175,9 +180,7 @@ TEST(DeterminismManyThreads, ScatterInPlaceOrCopyGivesTheSameBits) {
             o.tuning.scatter = scatter;
             Results other(c.problem);
             run_all(c.problem, c.tensors, other, o);
-            EXPECT_TRUE(other.grad_value.same_bytes(copy.grad_value)) << "grad_value";
-            EXPECT_TRUE(other.grad_locations.same_bytes(copy.grad_locations)) << "grad_sampling_locations";
-            EXPECT_TRUE(other.grad_weights.same_bytes(copy.grad_weights)) << "grad_attention_weights";
+            expect_same_gradients(other, copy);
           }
       }
     }

@@ -145,9 +145,9 @@ struct CpuTuning {
   // with all its levels, or one level of it when there are fewer (batch, head) pairs than
   // threads. true: always one level per part.
   bool level_parts = false;
-  // backward, bf16 and f16 value: the bytes of grad_value rows one thread sums at a time in f32
-  // (its per-thread workspace); a larger part is cut into levels, then into bands of rows (each
-  // pass re-reads the samples). f32 and f64 sum in grad_value itself and ignore it.
+  // backward, rows summed in a copy (`scatter` below): the bytes of grad_value rows one thread
+  // sums at a time in the compute type (its per-thread workspace); a larger part is cut into
+  // levels, then into bands of rows (each pass re-reads the samples). Unused in place.
   // 0 = the default, 64 MiB.
   std::int64_t accumulator_budget = 0;
   // backward: where a part sums its grad_value rows. Both give the same bits: each row's terms

@@ -9,6 +9,7 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <optional>
 #include <string>
 
 // CMakeLists.txt builds the targets of one architecture and says which; a compiler aimed at
@@ -207,7 +208,7 @@ class Workspace {
 
 // 64-byte aligned per-thread scratch (kept between calls: Workspace); its layout is Scratch's.
 struct ScratchBuffer {
-  std::unique_ptr<Workspace> storage;
+  std::optional<Workspace> storage;
   Scratch scratch;
 
   ScratchBuffer(const Params& p, const BackwardPlan* plan) {
@@ -238,7 +239,7 @@ struct ScratchBuffer {
       extra = round_up(static_cast<std::size_t>(p.D) * 8);
     }
     scratch.stride = scratch.channels_bytes + scratch.group_bytes + scratch.grads_bytes + extra + 64;
-    storage = std::make_unique<Workspace>(scratch.stride * static_cast<std::size_t>(p.threads) + 64, Workspace::scratch);
+    storage.emplace(scratch.stride * static_cast<std::size_t>(p.threads) + 64, Workspace::scratch);
     const auto address = reinterpret_cast<std::uintptr_t>(storage->data());
     scratch.base = storage->data() + (64 - address % 64) % 64;
   }

@@ -802,11 +802,12 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
         // one sample's loads alone would leave the CPU waiting on each in turn.
         for (std::int64_t l = l_begin, s = s_begin; l < l_end; ++l) {
           const V* level = value + p.value_offset(n, p.level_start[l], m);
+          const C* level_acc = acc ? acc + (p.level_start[l] - first_row) * acc_stride : nullptr;
           for (std::int64_t pt = 0; pt < P; ++pt, ++s)
             for (int c = 0; c < 4; ++c)
               if (const std::int64_t px = group.pixel[c * group.capacity + s]; px >= 0) {
                 if (want_dots) prefetch(level + px * row_stride, static_cast<std::size_t>(D) * sizeof(V));
-                if (acc) prefetch(acc + (p.level_start[l] - first_row + px) * acc_stride, static_cast<std::size_t>(D) * sizeof(C));
+                if (level_acc) prefetch(level_acc + px * acc_stride, static_cast<std::size_t>(D) * sizeof(C));
               }
         }
         g.load_row(grad_out + p.output_offset(n, q, m));
