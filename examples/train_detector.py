@@ -806,6 +806,11 @@ def main(argv=None):
                 print(f"done: {len(records)} steps in {time.perf_counter() - started:.1f} s, loss "
                       f"{records[0]['loss']:.4f} -> {records[-1]['loss']:.4f}, median step "
                       f"{median_step_time(records):.4f} s")
+            if args.ddp:
+                # Every rank done before any tears gloo down: a rank that left while another was
+                # still communicating aborted ("terminate called without an active exception"),
+                # once in a dozen runs on a loaded 2-core machine.
+                torch.distributed.barrier()
             status = 0
     finally:
         if log_file is not None:
