@@ -819,7 +819,9 @@ void fuzz_problem(Reader& r) {
   options.backend = Backend::cpu;
   options.threads = 1 + (ob & 3);
   const int other_threads = 1 + ((ob >> 2) & 3) == options.threads ? options.threads % 4 + 1 : 1 + ((ob >> 2) & 3);
-  options.tuning.stage_value = (tb & 1) != 0;
+  options.tuning.staging = (tb & 1) ? msda::CpuTuning::Staging::copy
+                           : (tb & 64) ? msda::CpuTuning::Staging::direct
+                                       : msda::CpuTuning::Staging::automatic;
   options.tuning.level_parts = (tb & 2) != 0;
   static constexpr std::int64_t kBlocks[4] = {0, 1, 3, 64};
   options.tuning.query_block = kBlocks[(tb >> 2) & 3];

@@ -64,9 +64,9 @@ def problem(n=1, q=4, m=2, d=32, p=3, levels=((3, 4), (2, 2)), dtypes=(F32,), an
             corrupt=None, level=0, threads=(1, 2), tuning=0, bad=0, grads=7, nonfinite=False,
             rates=(0, 0, 0, 0), mode=0):
     """mode: byte 0 (anything but 7 mod 8 fuzzes a problem). corrupt: decode_problem's case number
-    (0..29), applied to level `level`. threads: (first, second) in 1..4. tuning: bit 0 stage_value,
-    bit 1 level_parts, bits 2-3 the query_block choice, bits 4-5 the scatter (automatic, copy,
-    in_place, automatic). bad: >= 224 makes a bad call. grads: mask of the gradients the cpu backend is asked for (1 value, 2 locations, 4 weights). rates:
+    (0..29), applied to level `level`. threads: (first, second) in 1..4. tuning: bit 0 staging copy
+    (else bit 6: direct, else automatic), bit 1 level_parts, bits 2-3 the query_block choice,
+    bits 4-5 the scatter (automatic, copy, in_place, automatic). bad: >= 224 makes a bad call. grads: mask of the gradients the cpu backend is asked for (1 value, 2 locations, 4 weights). rates:
     special-value rates of locations, weights, value, grad_output (0 none .. 3 one in two)."""
     out = [mode, n_byte(n), q_byte(q), m_byte(m), d_byte(d), p_byte(p), l_byte(len(levels))]
     for h, w in levels:

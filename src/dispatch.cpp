@@ -56,6 +56,9 @@ void check_tuning(const Options& options) {
   if (static_cast<unsigned>(options.tuning.scatter) > static_cast<unsigned>(CpuTuning::Scatter::in_place))
     throw Error("options.tuning.scatter", "automatic (0), copy (1) or in_place (2)",
                 std::to_string(static_cast<unsigned>(options.tuning.scatter)));
+  if (static_cast<unsigned>(options.tuning.staging) > static_cast<unsigned>(CpuTuning::Staging::direct))
+    throw Error("options.tuning.staging", "automatic (0), copy (1) or direct (2)",
+                std::to_string(static_cast<unsigned>(options.tuning.staging)));
 }
 
 }  // namespace
@@ -79,8 +82,6 @@ Params make_params(const Problem& problem, const void* value, const void* locati
     params.width.push_back(level.width);
     params.height_f.push_back(static_cast<double>(level.height));
     params.width_f.push_back(static_cast<double>(level.width));
-    params.padded_start.push_back(params.padded_rows);
-    params.padded_rows += (level.height + 2) * (level.width + 2);
   }
   params.location_bytes = size_of(problem.location_dtype);
   params.weight_bytes = size_of(problem.weight_dtype);
@@ -92,7 +93,7 @@ Params make_params(const Problem& problem, const void* value, const void* locati
   params.backend = resolve_backend(options.backend);
   params.isa = options.isa;
   if (options.tuning.query_block > 0) params.query_block = options.tuning.query_block;
-  params.stage_value = options.tuning.stage_value;
+  params.staging = options.tuning.staging;
   params.level_parts = options.tuning.level_parts;
   if (options.tuning.accumulator_budget > 0) params.accumulator_budget = options.tuning.accumulator_budget;
   params.scatter = options.tuning.scatter;

@@ -46,18 +46,11 @@ struct Params {
   Backend backend = Backend::cpu;  // resolved: never automatic
   Isa isa = Isa::best;
   std::int64_t query_block = 1;   // cpu forward: queries per block walked one head at a time
-  bool stage_value = false;       // cpu forward: gather from a padded head-major copy of value
+  CpuTuning::Staging staging = CpuTuning::Staging::automatic;  // cpu: gather from per-head copies of value
   bool level_parts = false;       // cpu backward: one level per part even with enough (n, m) pairs
   std::int64_t accumulator_budget = std::int64_t(64) << 20;  // cpu backward: bytes per part's rows
   CpuTuning::Scatter scatter = CpuTuning::Scatter::automatic;  // cpu backward: where a part sums its rows
   CudaOptions cuda;  // cuda backend: stream, caller's workspace, deterministic backward
-
-  // The padded head-major layout of value (cpu backend): for each (n, m), level l occupies
-  // (H_l + 2) x (W_l + 2) rows of D from padded_start[l], with a ring of zero rows around the
-  // map, so every corner of an in-range sample is a valid row and (h, w), (h, w + 1) are
-  // adjacent ("pixel merging").
-  std::vector<std::int64_t> padded_start;
-  std::int64_t padded_rows = 0;  // per (n, m)
 
   // Flat offsets, 64-bit. The sample (n, q, m, l, p) lives at sample_index * 2 in
   // sampling_locations and at sample_index in attention_weights.

@@ -187,5 +187,50 @@ TEST(DeterminismManyThreads, ScatterInPlaceOrCopyGivesTheSameBits) {
   }
 }
 
+// Staged gathers read each head's rows from a contiguous copy instead of value: the same rows,
+// the same arithmetic in the same order, so the same bits as direct gathers, forward and
+// backward, at any thread count (more threads than (batch, head) pairs split heads into query
+// ranges, parts of one level and the two-pass backward), with parts of one level, for a
+// compile-time D (32) and a runtime one (20), and for the sparse problem automatic leaves direct.
+TEST(DeterminismManyThreads, StagedOrDirectGathersGiveTheSameBits) {
+  for (std::int64_t queries : {30, 500})
+    for (std::int64_t channels : {32, 20}) {
+      Shape s;
+      s.batch = 2, s.heads = 2, s.channels = channels, s.queries = queries, s.points = 3;
+      s.levels = {{20, 24}, {10, 12}, {3, 5}};
+      for (DType dtype : {DType::f32, DType::f64, DType::bf16, DType::f16}) {
+        const Case c = make_case(s, {dtype, dtype, dtype}, Locations::mixed, case_seed(static_cast<int>(queries + channels)));
+        for (msda::Isa isa : cpu_isas()) {
+          SCOPED_TRACE("isa " + std::string(msda::name(isa)) + " " + c.label);
+          msda::Options base{1, Backend::cpu, isa};
+          base.tuning.staging = msda::CpuTuning::Staging::direct;
+          Results direct(c.problem);
+          run_all(c.problem, c.tensors, direct, base);
+          for (auto staging : {msda::CpuTuning::Staging::copy, msda::CpuTuning::Staging::automatic})
+            for (bool level_parts : {false, true})
+              for (int t : {1, 3, 5, 9}) {
+                SCOPED_TRACE("staging " + std::to_string(static_cast<int>(staging)) + " level_parts " +
+                             std::to_string(level_parts) + " threads=" + std::to_string(t));
+                msda::Options o{t, Backend::cpu, isa};
+                o.tuning.staging = staging;
+                o.tuning.level_parts = level_parts;
+                Results staged(c.problem);
+                run_all(c.problem, c.tensors, staged, o);
+                EXPECT_TRUE(staged.output.same_bytes(direct.output)) << "output";
+                expect_same_gradients(staged, direct);
+                // The dot products alone (no grad_value): the backward's other plan of parts.
+                Results dots(c.problem);
+                dots.poison();
+                msda::Gradients only_dots = dots.gradients();
+                only_dots.value = nullptr;
+                msda::backward(c.problem, c.tensors.inputs(), c.tensors.grad_output.data(), only_dots, o);
+                EXPECT_TRUE(dots.grad_locations.same_bytes(direct.grad_locations)) << "grad_sampling_locations alone";
+                EXPECT_TRUE(dots.grad_weights.same_bytes(direct.grad_weights)) << "grad_attention_weights alone";
+              }
+        }
+      }
+    }
+}
+
 }  // namespace
 }  // namespace msda_test

@@ -594,8 +594,12 @@ TEST(FusedDeterminism, BitwiseIdenticalAcrossThreadCountsAndRuns) {
       SCOPED_TRACE(c.label);
       for (msda::Isa isa : cpu_isas()) {
         SCOPED_TRACE("isa " + std::string(msda::name(isa)));
+        // Gathers from value itself first, then from staged per-head copies (forced, and as
+        // automatic picks): the same bits.
+        msda::Options direct{1, Backend::cpu, isa};
+        direct.tuning.staging = msda::CpuTuning::Staging::direct;
         FusedResults first(c.problem);
-        run_fused(c.problem, c.tensors, first, {1, Backend::cpu, isa});
+        run_fused(c.problem, c.tensors, first, direct);
         for (const Buffer* b : first.all()) {
           double norm = 0;
           for (double x : b->to_double()) norm += x * x;
@@ -603,8 +607,10 @@ TEST(FusedDeterminism, BitwiseIdenticalAcrossThreadCountsAndRuns) {
         }
         for (int threads : {2, 3, 8, 1}) {
           for (int rep = 0; rep < 2; ++rep) {
+            msda::Options o{threads, Backend::cpu, isa};
+            o.tuning.staging = rep == 0 ? msda::CpuTuning::Staging::copy : msda::CpuTuning::Staging::automatic;
             FusedResults again(c.problem);
-            run_fused(c.problem, c.tensors, again, {threads, Backend::cpu, isa});
+            run_fused(c.problem, c.tensors, again, o);
             const auto a = again.all();
             const auto f = first.all();
             for (std::size_t k = 0; k < a.size(); ++k)

@@ -276,6 +276,9 @@ TEST(Validation, TuningOutOfRange) {
   o = {1, Backend::cpu};
   o.tuning.scatter = static_cast<msda::CpuTuning::Scatter>(3);
   expect_rejected(o, "scatter");
+  o = {1, Backend::cpu};
+  o.tuning.staging = static_cast<msda::CpuTuning::Staging>(3);
+  expect_rejected(o, "staging");
 }
 
 TEST(Validation, ErrorIsAnInvalidArgument) {

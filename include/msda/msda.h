@@ -135,12 +135,20 @@ struct CpuTuning {
   // forward: queries per block; inside a block the heads go one at a time so the gathered rows
   // are those of one head. 0 = the default; 1 = each query does all its heads at once.
   std::int64_t query_block = 0;
-  // forward: first copy value into a head-major layout with a zero ring around every level's
-  // map, then gather from it: a head's map is contiguous, the two horizontally adjacent corners
-  // are one contiguous load, and no corner needs a bounds check. Off by default: the gathers get
-  // ~10% faster, but the value-sized copy is a fresh allocation per call, whose page faults
-  // cost more than that (README, "What did not pay").
-  bool stage_value = false;
+  // forward and backward: where the gathers read value's rows. In value ([N, S, M, D]) one
+  // head's rows lie M*D elements apart, so the rows around a query's samples span M times the
+  // memory that head uses and fall out of the core's own cache. Staged, each thread first copies
+  // the rows of the (batch, head) it works on into a contiguous per-thread buffer ([S, D], kept
+  // between calls) and walks that head's queries from it, so the rows around them stay in L1/L2
+  // (the research's value re-layout, with a core's cache as the on-chip buffer). The copy is one
+  // pass over value; it pays where each row is read several times. Same bits either way.
+  //   copy       always (a part's rows at most 64 MiB; larger ones read value directly)
+  //   direct     never: the gathers read value where it is
+  //   automatic  copy where a (batch, head)'s samples have at least 4 corners per row of value
+  //              in the forward (encoders: 64), 2 in the backward's dot products (dino-dec: 3.2),
+  //              direct in sparse decoders (ddetr-dec: 1.1), where the copy costs more
+  enum class Staging : std::uint8_t { automatic, copy, direct };
+  Staging staging = Staging::automatic;
   // backward: a part (one thread's unit of work, owning its grad_value rows) is a (batch, head)
   // with all its levels, or one level of it when there are fewer (batch, head) pairs than
   // threads. true: always one level per part.

@@ -1,8 +1,6 @@
 // Runtime dispatch of the CPU backend: picks the instruction set, sizes and allocates scratch.
 #include "cpu/cpu.h"
 
-#include <sys/mman.h>
-
 #include <algorithm>
 #include <cstdlib>
 #include <iterator>
@@ -149,6 +147,27 @@ BackwardPlan plan_scatter(const Params& p) {
   return plan;
 }
 
+// Staged gathers (CpuTuning::staging): each thread copies the value rows of the (batch, head) it
+// works on ([rows, D], contiguous) before gathering from them. Worth it where a head's samples
+// read each row several times; the copy is one pass over the rows. Crossovers measured on the
+// named workloads (README, "How the CPU kernels work"): the forward's taps are cheap, so the copy
+// pays from about 4 corners per row (dino-dec, 3.2: even; ddetr-dec, 1.1: 2.6x slower); the
+// backward's dot products cost more per corner, so from about 2 (dino-dec: 1.4x faster).
+constexpr std::int64_t kStageForwardCornersPerRow = 4;
+constexpr std::int64_t kStageBackwardCornersPerRow = 2;
+// A thread's copy is at most this large; a head whose rows need more reads value directly.
+constexpr std::int64_t kStageBudgetBytes = std::int64_t(64) << 20;
+
+// The rows a staged thread copies at a time, or 0 when the gathers read value directly. `rows`:
+// a part's rows (the whole head, or its largest level for parts of one level).
+std::int64_t staged_rows(const Params& p, std::int64_t rows, std::int64_t corners_per_row) {
+  if (p.staging == CpuTuning::Staging::direct || rows * p.D * static_cast<std::int64_t>(size_of(p.problem->value_dtype)) >
+                                                     kStageBudgetBytes)
+    return 0;
+  const std::int64_t corners = p.Q * p.L * p.P * 4;  // of a (batch, head); 64 bits for any valid problem
+  return p.staging == CpuTuning::Staging::copy || corners >= corners_per_row * p.S ? rows : 0;
+}
+
 // Memory kept between calls: a fresh allocation of megabytes page-faults on every call (README,
 // "What did not pay": ~20 ms for a value-sized buffer). A call leases its slot's cached buffer
 // when it is large enough, else allocates its own, and hands it back at the end, where the larger
@@ -211,7 +230,8 @@ struct ScratchBuffer {
   std::optional<Workspace> storage;
   Scratch scratch;
 
-  ScratchBuffer(const Params& p, const BackwardPlan* plan) {
+  // `head_rows`: rows of value each thread copies for staged gathers (0: none).
+  ScratchBuffer(const Params& p, const BackwardPlan* plan, std::int64_t head_rows) {
     // L*P samples of one query live in scratch: a P whose arrays cannot exist is a bad_alloc,
     // never a wrapped size (validate() bounds L*P only by the sampling tensors' byte count).
     if (p.L * p.P > (std::int64_t(1) << 40) || p.D > (std::int64_t(1) << 40)) throw std::bad_alloc();
@@ -234,39 +254,14 @@ struct ScratchBuffer {
         extra = round_up(static_cast<std::size_t>(rows * p.D * compute_bytes(p)));
       }
     } else {
-      // One base pointer per level, then a zero row (grads_bytes is the pointers' share).
-      scratch.grads_bytes = round_up(static_cast<std::size_t>(p.L) * sizeof(void*));
-      extra = round_up(static_cast<std::size_t>(p.D) * 8);
+      extra = round_up(static_cast<std::size_t>(p.D) * 8);  // a zero row
     }
-    scratch.stride = scratch.channels_bytes + scratch.group_bytes + scratch.grads_bytes + extra + 64;
+    const std::size_t head_rows_bytes = round_up(static_cast<std::size_t>(head_rows * p.D) * size_of(p.problem->value_dtype));
+    if (head_rows > 0) scratch.head_rows_at = scratch.channels_bytes + scratch.group_bytes + scratch.grads_bytes + extra;
+    scratch.stride = scratch.channels_bytes + scratch.group_bytes + scratch.grads_bytes + extra + head_rows_bytes + 64;
     storage.emplace(scratch.stride * static_cast<std::size_t>(p.threads) + 64, Workspace::scratch);
     const auto address = reinterpret_cast<std::uintptr_t>(storage->data());
     scratch.base = storage->data() + (64 - address % 64) % 64;
-  }
-};
-
-// The padded head-major copy of value (Params::padded_start), on 2 MiB-aligned memory marked
-// for transparent huge pages: the gather touches it at random, and 4 KiB pages would spend the
-// TLB. Null when staging is off or the size does not fit in 64 bits.
-struct StagedValue {
-  struct Free {
-    void operator()(void* p) const { std::free(p); }
-  };
-  std::unique_ptr<void, Free> memory;
-
-  explicit StagedValue(const Params& p) {
-    if (!p.stage_value) return;
-    std::size_t bytes;
-    if (__builtin_mul_overflow(static_cast<std::size_t>(p.N * p.M), static_cast<std::size_t>(p.padded_rows), &bytes) ||
-        __builtin_mul_overflow(bytes, static_cast<std::size_t>(p.D) * size_of(p.problem->value_dtype), &bytes))
-      return;
-    constexpr std::size_t kHuge = std::size_t(2) << 20;
-    bytes = (bytes + kHuge - 1) / kHuge * kHuge;
-    memory.reset(std::aligned_alloc(kHuge, bytes));
-    if (!memory) throw std::bad_alloc();
-#ifdef MADV_HUGEPAGE
-    madvise(memory.get(), bytes, MADV_HUGEPAGE);  // advice only: failure changes nothing
-#endif
   }
 };
 
@@ -274,9 +269,7 @@ struct StagedValue {
 
 void forward(const Params& params) {
   const Target target = target_for(params.isa);
-  ScratchBuffer buffer(params, nullptr);
-  StagedValue staged(params);
-  buffer.scratch.staged_value = staged.memory.get();
+  ScratchBuffer buffer(params, nullptr, staged_rows(params, params.S, kStageForwardCornersPerRow));
   target.forward(params, buffer.scratch);
 }
 
@@ -295,7 +288,7 @@ void backward(const Params& params) {
     plan.levels_per_part = params.L;
     if (params.threads > params.N * params.M)
       plan.query_parts = (params.threads + params.N * params.M - 1) / (params.N * params.M) * 4;
-    ScratchBuffer buffer(params, &plan);
+    ScratchBuffer buffer(params, &plan, staged_rows(params, params.S, kStageBackwardCornersPerRow));
     target.backward(params, buffer.scratch);
     return;
   }
@@ -310,7 +303,10 @@ void backward(const Params& params) {
     backward(dots);
     scatter.drop_sample_gradients();
   }
-  ScratchBuffer buffer(scatter, &scatter_plan);
+  // The staged copy serves the dot products only (the scatter never reads value).
+  const std::int64_t part_rows = scatter_plan.levels_per_part == params.L ? params.S : max_level_rows(params);
+  ScratchBuffer buffer(scatter, &scatter_plan,
+                       scatter.wants_sample_gradients() ? staged_rows(scatter, part_rows, kStageBackwardCornersPerRow) : 0);
   target.backward(scatter, buffer.scratch);
 }
 

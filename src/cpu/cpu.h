@@ -23,8 +23,8 @@ void backward_fused(const Params& params);
 
 // Per-thread working memory, allocated by the dispatcher before any parallel region (so that a
 // bad_alloc reaches the caller) and handed to the kernels. Each thread's slice is laid out as
-// [channels | group | extra]: one row of D channels (runtime D), the geometry of one group of
-// samples, then kernel-specific arrays.
+// [channels | group | extra | head rows]: one row of D channels (runtime D), the geometry of one
+// group of samples, kernel-specific arrays, then (staged) the copy of one head's value rows.
 struct Scratch {
   std::byte* base = nullptr;
   std::size_t stride = 0;          // bytes per thread, a multiple of 64 (no false sharing)
@@ -37,13 +37,15 @@ struct Scratch {
   std::int64_t band_rows = 0;       // backward scatter: rows per band of a level (0: no bands)
   std::int64_t bands = 1;
   bool in_place = false;             // backward: f32/f64 grad_value summed in itself (cpu.cpp)
-  void* staged_value = nullptr;    // forward: the padded head-major copy of value, or null
+  // Staged gathers (CpuTuning::staging): where in a thread's slice the copy of the value rows of
+  // the head it works on starts, [rows, D] of the value type; 0: the gathers read value directly.
+  std::size_t head_rows_at = 0;
   std::byte* for_thread(int thread) const { return base + static_cast<std::size_t>(thread) * stride; }
 };
 
 // Upper bound of the geometry arrays per sample (kernels.inl, Group): 21 doubles (16 of them for
-// the fused op: 8 are softmax rows computed ahead), 7 int64 and 6 values of the compute type.
-inline constexpr std::size_t kGroupBytesPerSample = 21 * 8 + 7 * 8 + 6 * 8;
+// the fused op: 8 are softmax rows computed ahead), 6 int64 and 6 values of the compute type.
+inline constexpr std::size_t kGroupBytesPerSample = 21 * 8 + 6 * 8 + 6 * 8;
 
 // The kernels of each instruction set (src/cpu/targets/*.cpp).
 #define MSDA_DECLARE_TARGET(target)                              \

@@ -214,7 +214,6 @@ struct Group {
   double* height;         // in: H and W of each sample's level
   double* width;
   std::int64_t* pixel;    // out [4][capacity]: corner pixel index in its level, -1 off the map
-  std::int64_t* padded;   // out: corner 00's row in the padded level layout, -1 for a zeroed sample
   std::int64_t* level_offset;  // in (forward taps): byte offset of each sample's level in value
   C* bilinear;            // out [4][capacity]: hh*hw, hh*lw, lh*hw, lh*lw (0 off the map)
   C* lh;                  // out: fractional offsets (0 for a zeroed sample)
@@ -244,7 +243,7 @@ struct Group {
   double* rows;
   std::int64_t rows_first = -1, rows_stride = 1, rows_count = 0, row_stride = 1;
   const double* softmax = nullptr;  // the current row's weights before the range rule zeroes any
-  static_assert(13 * sizeof(double) + kRows * sizeof(double) + 7 * sizeof(std::int64_t) + 6 * sizeof(C) <=
+  static_assert(13 * sizeof(double) + kRows * sizeof(double) + 6 * sizeof(std::int64_t) + 6 * sizeof(C) <=
                 kGroupBytesPerSample);
 
   MSDA_INLINE Group(std::byte* memory, std::int64_t cap) : capacity(cap) {
@@ -254,8 +253,7 @@ struct Group {
     height = a + cap;
     width = height + cap;
     pixel = reinterpret_cast<std::int64_t*>(width + cap);
-    padded = pixel + 4 * cap;
-    level_offset = padded + cap;
+    level_offset = pixel + 4 * cap;
     bilinear = reinterpret_cast<C*>(level_offset + cap);
     lh = bilinear + 4 * cap;
     lw = lh + cap;
@@ -390,7 +388,6 @@ struct Group {
   // Locates samples [begin, end); lanes past `end` up to the next vector boundary are computed
   // too (harmless: they hold earlier or padding samples).
   MSDA_INLINE void locate_range(std::int64_t begin, std::int64_t end) { locate_from(begin - begin % kStep, end); }
-  MSDA_INLINE void locate(std::int64_t count) { locate_from(0, count); }
 
   // The geometry of kStep samples from s, as vectors.
   struct Lanes {
@@ -438,8 +435,8 @@ struct Group {
     __builtin_memcpy(dst, &narrow, sizeof(narrow));
   }
 
-  // Outputs for the backward and the staged forward: corner pixels, padded rows, bilinear
-  // weights, fractions; the attention weight of a zeroed sample becomes 0.
+  // Outputs for the backward: corner pixels, bilinear weights, fractions; the attention weight of
+  // a zeroed sample becomes 0.
   MSDA_INLINE void locate_from(std::int64_t first, std::int64_t count) {
     using VD = Vec<double>;
     using VI = Vec<std::int64_t>;
@@ -450,10 +447,6 @@ struct Group {
       // Exact: H*W < 2^53 for any real map; converted once (64-bit integer multiplies are slow).
       const VI p00 = __builtin_convertvector(g.fh * g.W + g.fw, VI), Wi = __builtin_convertvector(g.W, VI);
       const VI corner[4] = {p00, p00 + 1, p00 + Wi, p00 + Wi + 1};
-      // In the padded layout the map starts at row 1, column 1 and rows are W + 2 long.
-      const VI padded_00 = __builtin_convertvector((g.fh + 1.0) * (g.W + 2.0) + g.fw + 1.0, VI);
-      const VI padded_px = g.in ? padded_00 : off_map;
-      __builtin_memcpy(padded + s, &padded_px, sizeof(padded_px));
       for (int c = 0; c < 4; ++c) {
         const VI px = g.on[c] ? corner[c] : off_map;
         __builtin_memcpy(pixel + c * capacity + s, &px, sizeof(px));
@@ -492,42 +485,34 @@ struct Group {
   }
 };
 
-// ---- the padded head-major copy of value ------------------------------------------------------
+// ---- staged gathers: one head's rows, contiguous ---------------------------------------------
 
-// Called by every thread of a parallel region: copies value into Params' padded layout, one
-// padded row-line (W + 2 rows of D) of one (n, m, level) per job, zeroing the ring.
+// Copies value[n, first_row : first_row + rows, m, :] into `dst` ([rows, D]): a strided read of one
+// row in M, fetched ahead, and a sequential write that stays in the thread's cache.
 template <class V>
-void stage_value(const Params& p, const V* value, V* staged) {
-  const std::int64_t D = p.D;
-  std::int64_t lines = 0;  // padded row-lines per (n, m): sum of H_l + 2
-  for (std::int64_t l = 0; l < p.L; ++l) lines += p.height[l] + 2;
-#pragma omp for schedule(static)
-  for (std::int64_t job = 0; job < p.N * p.M * lines; ++job) {
-    const std::int64_t nm = job / lines, n = nm / p.M, m = nm % p.M;
-    std::int64_t line = job % lines, l = 0;
-    while (line >= p.height[l] + 2) line -= p.height[l++] + 2;
-    const std::int64_t W = p.width[l], h = line - 1;
-    V* dst = staged + (nm * p.padded_rows + p.padded_start[l] + line * (W + 2)) * D;
-    if (h < 0 || h >= p.height[l]) {
-      __builtin_memset(dst, 0, static_cast<std::size_t>((W + 2) * D) * sizeof(V));
-      continue;
-    }
-    __builtin_memset(dst, 0, static_cast<std::size_t>(D) * sizeof(V));
-    const V* src = value + p.value_offset(n, p.level_start[l] + h * W, m);
-    for (std::int64_t w = 0; w < W; ++w)
-      __builtin_memcpy(dst + (w + 1) * D, src + w * p.M * D, static_cast<std::size_t>(D) * sizeof(V));
-    __builtin_memset(dst + (W + 1) * D, 0, static_cast<std::size_t>(D) * sizeof(V));
+MSDA_INLINE void copy_head_rows(const Params& p, const V* value, std::int64_t n, std::int64_t m, std::int64_t first_row,
+                                std::int64_t rows, V* dst) {
+  constexpr std::int64_t kAhead = 16;
+  const std::int64_t D = p.D, stride = p.M * D;
+  const std::size_t row_bytes = static_cast<std::size_t>(D) * sizeof(V);
+  const V* src = value + p.value_offset(n, first_row, m);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    if (r + kAhead < rows) prefetch(src + (r + kAhead) * stride, row_bytes);
+    __builtin_memcpy(static_cast<void*>(dst + r * D), src + r * stride, row_bytes);
   }
 }
 
 // ---- forward ---------------------------------------------------------------------------------
 
-// Parallel over blocks of queries of one batch element. Inside a block the heads go one at a
-// time, so the rows being gathered are those of a single head (1/M of the map): for encoder-like
-// locality that working set fits in L2, where all heads' rows of the same band do not. For each
-// (q, m) the geometry of its L*P samples is computed as one vectorized group, then the taps are
-// summed in one tight loop of loads and FMAs over registers. Each output row is written by one
-// thread, summing in a fixed order: results never depend on the thread count.
+// Two walks. Direct: parallel over blocks of queries of one batch element, the gathers reading
+// value where it is; inside a block the heads go one at a time (query_block > 1) or each query
+// does all its heads (1, the default). Staged (CpuTuning::staging): parallel over (batch, head,
+// query range); a thread copies the head's rows into its own contiguous buffer once and walks
+// that head's queries, so the rows around them (1/M of the memory a band of value spans) stay in
+// its L1/L2. For each (q, m) the geometry of its L*P samples is computed as one vectorized group,
+// then the taps are summed in one tight loop of loads and FMAs over registers. Each output row is
+// written by one thread, summing the same taps in a fixed order: results never depend on the
+// walk or the thread count.
 inline constexpr std::int64_t kPrefetchQueries = 8;
 
 // How many Channels accumulators the forward's taps rotate over (corner c adds into c % count):
@@ -552,8 +537,13 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
   const std::int64_t D = kD > 0 ? kD : p.D, LP = p.L * p.P, row_stride = p.M * D;
   const V* value = static_cast<const V*>(p.value);
   V* out = static_cast<V*>(p.output);
-  V* staged = static_cast<V*>(scratch.staged_value);
+  const bool staged = scratch.head_rows_at > 0;
   const std::int64_t block = p.query_block, blocks_per_n = (p.Q + block - 1) / block;
+  // Staged: query ranges per head, enough for about 4 jobs per thread (a thread copies a head
+  // once for all its consecutive jobs of that head).
+  const std::int64_t ranges = (4 * p.threads + p.N * p.M - 1) / (p.N * p.M);
+  const std::int64_t range_size = (p.Q + ranges - 1) / ranges;
+  const std::int64_t row_bytes = (staged ? D : row_stride) * static_cast<std::int64_t>(sizeof(V));
 
 #pragma omp parallel num_threads(p.threads)
   {
@@ -565,16 +555,25 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
     Channels<V, kD> acc[4] = {{D, reinterpret_cast<C*>(mine)}, {D, reinterpret_cast<C*>(mine)},
                               {D, reinterpret_cast<C*>(mine)}, {D, reinterpret_cast<C*>(mine)}};
     Group<C> group(mine + scratch.channels_bytes, scratch.group_capacity);
-    group.row_stride = block > 1 ? p.M : 1;  // heads of one query in turn, or one head's queries
-    const V** level_base = reinterpret_cast<const V**>(mine + scratch.channels_bytes + scratch.group_bytes);
+    // The distance between the (n, q, m) rows walked in turn: heads of one query, or one head's queries.
+    group.row_stride = staged || block > 1 ? p.M : 1;
     // A row of zeros: where the taps of off-map corners point (with weight 0).
     V* zero_row = reinterpret_cast<V*>(mine + scratch.channels_bytes + scratch.group_bytes + scratch.grads_bytes);
     __builtin_memset(static_cast<void*>(zero_row), 0, static_cast<std::size_t>(D) * sizeof(V));
+    V* head_rows = staged ? reinterpret_cast<V*>(mine + scratch.head_rows_at) : nullptr;
     group.set_levels(p);
-    for (std::int64_t s = 0; s < LP; ++s)
-      group.level_offset[s] = p.level_start[s / p.P] * row_stride * static_cast<std::int64_t>(sizeof(V));
+    for (std::int64_t s = 0; s < LP; ++s) group.level_offset[s] = p.level_start[s / p.P] * row_bytes;
     const std::int64_t cap = scratch.group_capacity;
-    auto finish = [&](std::int64_t n, std::int64_t q, std::int64_t m) {
+    // out[n, q, m] = the sum of the taps of its samples, from `rows` (value + value_offset(n, 0, m),
+    // or the head's copy).
+    auto sum_row = [&](std::int64_t n, std::int64_t q, std::int64_t m, const V* rows) {
+      group.load(p, p.sample_index(n, q, m, 0, 0), LP, 0);
+      // Branch-free taps: an address and a weight per corner (zero_row and 0 off the map).
+      group.locate_taps(LP, reinterpret_cast<std::int64_t>(rows), row_bytes, reinterpret_cast<std::int64_t>(zero_row));
+      for (int k = 0; k < kAccs; ++k) acc[k].zero();
+      for (std::int64_t s = 0; s < LP; ++s)
+        for (int c = 0; c < 4; ++c)
+          acc[c % kAccs].add_scaled(reinterpret_cast<const V*>(group.pixel[c * cap + s]), group.bilinear[c * cap + s]);
       if constexpr (kAccs == 4) {
         acc[0].add(acc[1]);
         acc[2].add(acc[3]);
@@ -584,56 +583,36 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
       }
       acc[0].store_row(out + p.output_offset(n, q, m));
     };
-    if (staged) stage_value(p, value, staged);  // ends in a barrier: the copy is complete
+    if (staged) {
+      std::int64_t held = -1;  // the (n, m) whose rows head_rows holds
 #pragma omp for schedule(static)
-    for (std::int64_t job = 0; job < p.N * blocks_per_n; ++job) {
-      const std::int64_t n = job / blocks_per_n, q_begin = job % blocks_per_n * block;
-      const std::int64_t q_end = q_begin + block < p.Q ? q_begin + block : p.Q;
-      if (!staged) {
+      for (std::int64_t job = 0; job < p.N * p.M * ranges; ++job) {
+        const std::int64_t nm = job / ranges, n = nm / p.M, m = nm % p.M, q_begin = job % ranges * range_size;
+        const std::int64_t q_end = q_begin + range_size < p.Q ? q_begin + range_size : p.Q;
+        if (q_begin >= q_end) continue;
+        if (held != nm) {
+          copy_head_rows(p, value, n, m, 0, p.S, head_rows);
+          held = nm;
+        }
+        for (std::int64_t q = q_begin; q < q_end; ++q) {
+          // One head's queries: their samples sit M*L*P apart, so fetch ahead.
+          if (q + kPrefetchQueries < q_end) prefetch_samples(p, p.sample_index(n, q + kPrefetchQueries, m, 0, 0), LP);
+          sum_row(n, q, m, head_rows);
+        }
+      }
+    } else {
+#pragma omp for schedule(static)
+      for (std::int64_t job = 0; job < p.N * blocks_per_n; ++job) {
+        const std::int64_t n = job / blocks_per_n, q_begin = job % blocks_per_n * block;
+        const std::int64_t q_end = q_begin + block < p.Q ? q_begin + block : p.Q;
         for (std::int64_t m = 0; m < p.M; ++m)
           for (std::int64_t q = q_begin; q < q_end; ++q) {
             // Walking heads one at a time, a query's samples sit M*L*P apart: fetch ahead (with
             // all heads of a query at once, reads are sequential and the hardware prefetches).
             if (block > 1 && q + kPrefetchQueries < q_end)
               prefetch_samples(p, p.sample_index(n, q + kPrefetchQueries, m, 0, 0), LP);
-            group.load(p, p.sample_index(n, q, m, 0, 0), LP, 0);
-            // Branch-free taps: an address and a weight per corner (zero_row and 0 off the map).
-            group.locate_taps(LP, reinterpret_cast<std::int64_t>(value + p.value_offset(n, 0, m)),
-                              row_stride * static_cast<std::int64_t>(sizeof(V)), reinterpret_cast<std::int64_t>(zero_row));
-            for (int k = 0; k < kAccs; ++k) acc[k].zero();
-            for (std::int64_t s = 0; s < LP; ++s)
-              for (int c = 0; c < 4; ++c)
-                acc[c % kAccs].add_scaled(reinterpret_cast<const V*>(group.pixel[c * cap + s]), group.bilinear[c * cap + s]);
-            finish(n, q, m);
+            sum_row(n, q, m, value + p.value_offset(n, 0, m));
           }
-        continue;
-      }
-      for (std::int64_t m = 0; m < p.M; ++m) {
-        for (std::int64_t l = 0; l < p.L; ++l)
-          level_base[l] = staged + ((n * p.M + m) * p.padded_rows + p.padded_start[l]) * D;
-        for (std::int64_t q = q_begin; q < q_end; ++q) {
-          if (q + kPrefetchQueries < q_end) prefetch_samples(p, p.sample_index(n, q + kPrefetchQueries, m, 0, 0), LP);
-          group.load(p, p.sample_index(n, q, m, 0, 0), LP, 0);
-          group.locate(LP);
-          for (int k = 0; k < kAccs; ++k) acc[k].zero();
-          // Every corner of an in-range sample is a row of the padded copy (zero off the map):
-          // two contiguous pairs per sample, no per-corner checks.
-          for (std::int64_t l = 0, s = 0; l < p.L; ++l) {
-            const V* base = level_base[l];
-            const std::int64_t down = (p.width[l] + 2) * D;
-            for (std::int64_t pt = 0; pt < p.P; ++pt, ++s) {
-              const std::int64_t row = group.padded[s];
-              if (row < 0) continue;
-              const V* top = base + row * D;
-              const C a = static_cast<C>(group.a[s]);
-              acc[0].add_scaled(top, a * group.bilinear[s]);
-              acc[1 % kAccs].add_scaled(top + D, a * group.bilinear[cap + s]);
-              acc[2 % kAccs].add_scaled(top + down, a * group.bilinear[2 * cap + s]);
-              acc[3 % kAccs].add_scaled(top + down + D, a * group.bilinear[3 * cap + s]);
-            }
-          }
-          finish(n, q, m);
-        }
       }
     }
   }
@@ -745,6 +724,9 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
     group.row_stride = p.M;  // one head's queries in turn
     C* grads = reinterpret_cast<C*>(mine + scratch.channels_bytes + scratch.group_bytes);  // [3][L*P]
     C* own_rows = reinterpret_cast<C*>(mine + scratch.channels_bytes + scratch.group_bytes + scratch.grads_bytes);
+    // Staged (cpu.cpp: only with the dot products): the part's value rows, copied contiguous.
+    V* head_rows = scratch.head_rows_at > 0 ? reinterpret_cast<V*>(mine + scratch.head_rows_at) : nullptr;
+    std::int64_t held = -1;  // the (n, m, first level) whose rows head_rows holds
     group.set_levels(p);
     if (in_place && grad_value) {
       // The whole of grad_value, zeroed in contiguous runs (the parts' rows are strided by M*D)
@@ -789,6 +771,17 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
         __builtin_memset(static_cast<void*>(acc), 0, static_cast<std::size_t>(rows * D) * sizeof(C));
       }
 
+      // The dot products read level l's rows from level_value(l), value_stride elements apart.
+      const std::int64_t value_stride = head_rows ? D : row_stride;
+      if (head_rows && held != part / bands / query_parts) {
+        copy_head_rows(p, value, n, m, p.level_start[l_begin],
+                       (l_end < p.L ? p.level_start[l_end] : p.S) - p.level_start[l_begin], head_rows);
+        held = part / bands / query_parts;
+      }
+      auto level_value = [&](std::int64_t l) {
+        return head_rows ? head_rows + (p.level_start[l] - p.level_start[l_begin]) * D
+                         : value + p.value_offset(n, p.level_start[l], m);
+      };
       for (std::int64_t q = q_begin; q < q_end; ++q) {
         const std::int64_t first = p.sample_index(n, q, m, l_begin, 0), count = s_end - s_begin;
         if (q + kPrefetchQueries < q_end) {
@@ -801,18 +794,18 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
         // locations scatter (decoders), the rows come from the last-level cache or memory, and
         // one sample's loads alone would leave the CPU waiting on each in turn.
         for (std::int64_t l = l_begin, s = s_begin; l < l_end; ++l) {
-          const V* level = value + p.value_offset(n, p.level_start[l], m);
+          const V* level = level_value(l);
           const C* level_acc = acc ? acc + (p.level_start[l] - first_row) * acc_stride : nullptr;
           for (std::int64_t pt = 0; pt < P; ++pt, ++s)
             for (int c = 0; c < 4; ++c)
               if (const std::int64_t px = group.pixel[c * group.capacity + s]; px >= 0) {
-                if (want_dots) prefetch(level + px * row_stride, static_cast<std::size_t>(D) * sizeof(V));
+                if (want_dots) prefetch(level + px * value_stride, static_cast<std::size_t>(D) * sizeof(V));
                 if (level_acc) prefetch(level_acc + px * acc_stride, static_cast<std::size_t>(D) * sizeof(C));
               }
         }
         g.load_row(grad_out + p.output_offset(n, q, m));
         for (std::int64_t l = l_begin, s = s_begin; l < l_end; ++l) {
-          const V* level = value + p.value_offset(n, p.level_start[l], m);
+          const V* level = level_value(l);
           // Pixel k of level l is row level_row + k of this part's accumulator, if in [0, rows).
           const std::int64_t level_row = p.level_start[l] - first_row;
           const C H = static_cast<C>(p.height_f[l]), W = static_cast<C>(p.width_f[l]);
@@ -834,7 +827,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
                 // Lane-wise products combined first, then one shared horizontal sum for all three.
                 Vec<C> t[4];
                 for (int c = 0; c < 4; ++c)
-                  t[c] = pixel[c] >= 0 ? g.products(level + pixel[c] * row_stride) : Vec<C>{};
+                  t[c] = pixel[c] >= 0 ? g.products(level + pixel[c] * value_stride) : Vec<C>{};
                 const Vec<C> d_weight = broadcast(w[0]) * t[0] + broadcast(w[1]) * t[1] + broadcast(w[2]) * t[2] +
                                         broadcast(w[3]) * t[3];
                 const Vec<C> d_u = broadcast(hh) * (t[1] - t[0]) + broadcast(lh) * (t[3] - t[2]);
@@ -843,7 +836,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
               } else {
                 C dot[4] = {0, 0, 0, 0};
                 for (int c = 0; c < 4; ++c)
-                  if (pixel[c] >= 0) dot[c] = g.dot(level + pixel[c] * row_stride);
+                  if (pixel[c] >= 0) dot[c] = g.dot(level + pixel[c] * value_stride);
                 sums[0] = w[0] * dot[0] + w[1] * dot[1] + w[2] * dot[2] + w[3] * dot[3];
                 sums[1] = hh * (dot[1] - dot[0]) + lh * (dot[3] - dot[2]);
                 sums[2] = hw * (dot[2] - dot[0]) + lw * (dot[3] - dot[1]);
