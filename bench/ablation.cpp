@@ -232,50 +232,59 @@ int main(int argc, char** argv) try {
   std::vector<float> out(out_n), grad_out(out_n, 1.0f), gv(p.batch * p.value_len * p.heads * p.channels),
       gl(2 * samples), gw(samples);
 
-  std::printf("ablation: %s, %s locations, f32, %d threads, median of %d\n\n", workload.name.c_str(),
-              std::string(msda::workloads::name(kind)).c_str(), threads, repeats);
-  std::printf("| variant | forward ms | backward ms |\n|---|---:|---:|\n");
+  std::printf("ablation: %s, %s locations, f32, %d threads, median of %d, every row timed in turn\n\n",
+              workload.name.c_str(), std::string(msda::workloads::name(kind)).c_str(), threads, repeats);
 
-  const GatherFloor floor(p, msda::workloads::to_double(data.locations.data(), p.location_dtype, 2 * samples), 1);
+  // Every row is one or two timed calls; the rows take turns, repeat after repeat, so a machine
+  // whose speed drifts (a shared VM) moves them all alike and the ratios within a run hold.
+  struct Row {
+    std::string name;
+    std::function<void()> forward, backward;
+    std::vector<double> forward_ms, backward_ms;
+  };
+  std::vector<Row> rows;
   const auto* value = reinterpret_cast<const float*>(data.value.data());
   volatile float sink = 0;
+  const std::vector<double> loc = msda::workloads::to_double(data.locations.data(), p.location_dtype, 2 * samples);
+  const GatherFloor floor(p, loc, 1);
+  std::vector<SortedFloor> sorted;
   if (floor.available()) {
-    std::printf("| gather floor (same rows, running sum) | %.2f | |\n",
-                median_ms(repeats, [&] { sink = floor.run(value, threads); }));
-    const std::vector<double> loc = msda::workloads::to_double(data.locations.data(), p.location_dtype, 2 * samples);
-    for (bool head_major : {false, true}) {
-      const SortedFloor sorted(p, loc, value, head_major);
-      std::printf("| hardware floor: each head's rows in address order%s | %.2f | |\n",
-                  head_major ? ", from a head-major [N, M, S, D] copy" : "",
-                  median_ms(repeats, [&] { sink = sorted.run(value, threads); }));
-    }
+    rows.push_back({"gather floor: the direct walk's rows in its order (query by query, all heads), running sum",
+                    [&] { sink = floor.run(value, threads); }, nullptr});
+    for (bool head_major : {false, true}) sorted.emplace_back(p, loc, value, head_major);
+    for (const SortedFloor& s : sorted)
+      rows.push_back({std::string("hardware floor: each head's rows in address order") +
+                          (s.head_major ? ", from a head-major [N, M, S, D] copy" : ""),
+                      [&] { sink = s.run(value, threads); }, nullptr});
   }
 
-  struct Variant {
-    std::string name;
-    msda::Options options;
+  auto variant = [&](std::string name, msda::Options o) {
+    rows.push_back({std::move(name), [&, o] { msda::forward(p, data.inputs(), out.data(), o); },
+                    [&, o] { msda::backward(p, data.inputs(), grad_out.data(), {gv.data(), gl.data(), gw.data()}, o); }});
   };
-  std::vector<Variant> variants = {{"default", {threads}}};
-  for (std::int64_t block : {1, 16, 64, 256, 1024}) {
+  variant("default", msda::Options{threads});
+  for (auto [staging, name] : {std::pair{msda::CpuTuning::Staging::copy, "staging=copy (each head's rows copied contiguous)"},
+                               std::pair{msda::CpuTuning::Staging::direct, "staging=direct (gathers read value where it is)"}}) {
     msda::Options o{threads};
-    o.tuning.query_block = block;
-    variants.push_back({"query_block=" + std::to_string(block) + (block == 1 ? " (all heads per query)" : ""), o});
+    o.tuning.staging = staging;
+    variant(name, o);
   }
-  {
+  for (std::int64_t block : {1, 16, 64, 256, 1024}) {  // the direct walk's blocks
     msda::Options o{threads};
-    o.tuning.stage_value = true;
-    variants.push_back({"stage_value=true (padded head-major copy, allocated per call)", o});
+    o.tuning.staging = msda::CpuTuning::Staging::direct;
+    o.tuning.query_block = block;
+    variant("staging=direct, query_block=" + std::to_string(block) + (block == 1 ? " (all heads per query)" : ""), o);
   }
   {
     msda::Options o{threads};
     o.tuning.level_parts = true;
-    variants.push_back({"level_parts=true (backward parts of one level)", o});
+    variant("level_parts=true (backward parts of one level)", o);
   }
   for (auto [scatter, name] : {std::pair{msda::CpuTuning::Scatter::copy, "scatter=copy (a part's rows in a copy)"},
                                std::pair{msda::CpuTuning::Scatter::in_place, "scatter=in_place (f32: in grad_value)"}}) {
     msda::Options o{threads};
     o.tuning.scatter = scatter;
-    variants.push_back({name, o});
+    variant(name, o);
   }
 #if defined(__aarch64__)
   for (msda::Isa isa : {msda::Isa::neon, msda::Isa::baseline}) {
@@ -284,20 +293,36 @@ int main(int argc, char** argv) try {
 #endif
     msda::Options o{threads};
     o.isa = isa;
-    variants.push_back({"isa=" + std::string(msda::name(isa)), o});
+    variant("isa=" + std::string(msda::name(isa)), o);
   }
-  for (const Variant& v : variants) {
-    double f = 0, b = 0;
+
+  for (Row& row : rows) {  // a warm-up each; a variant this machine cannot run is dropped
     try {
-      f = median_ms(repeats, [&] { msda::forward(p, data.inputs(), out.data(), v.options); });
-      b = median_ms(repeats, [&] {
-        msda::backward(p, data.inputs(), grad_out.data(), {gv.data(), gl.data(), gw.data()}, v.options);
-      });
-    } catch (const msda::Error& e) {
-      std::printf("| %s | n/a | n/a |\n", v.name.c_str());
-      continue;
+      row.forward();
+      if (row.backward) row.backward();
+    } catch (const msda::Error&) {
+      row.forward = nullptr;
     }
-    std::printf("| %s | %.2f | %.2f |\n", v.name.c_str(), f, b);
+  }
+  for (int r = 0; r < repeats; ++r)
+    for (Row& row : rows) {
+      if (!row.forward) continue;
+      row.forward_ms.push_back(median_ms(1, row.forward, 0));
+      if (row.backward) row.backward_ms.push_back(median_ms(1, row.backward, 0));
+    }
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  std::printf("| variant | forward ms | backward ms |\n|---|---:|---:|\n");
+  for (const Row& row : rows) {
+    if (!row.forward) {
+      std::printf("| %s | n/a | n/a |\n", row.name.c_str());
+    } else if (row.backward_ms.empty()) {
+      std::printf("| %s | %.2f | |\n", row.name.c_str(), median(row.forward_ms));
+    } else {
+      std::printf("| %s | %.2f | %.2f |\n", row.name.c_str(), median(row.forward_ms), median(row.backward_ms));
+    }
   }
   (void)sink;
   return 0;
