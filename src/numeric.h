@@ -13,6 +13,8 @@
 // Always inlined: the CPU backend compiles these into kernels built for several instruction sets,
 // and an out-of-line copy built for AVX-512 must never be what a baseline caller links to.
 #define MSDA_INLINE [[gnu::always_inline]] inline
+// The same for a lambda (written after its parameter list).
+#define MSDA_INLINE_LAMBDA __attribute__((always_inline))
 
 namespace msda {
 

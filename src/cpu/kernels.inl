@@ -548,12 +548,6 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
 #pragma omp parallel num_threads(p.threads)
   {
     std::byte* mine = scratch.for_thread(omp_get_thread_num());
-    // One accumulator per corner when D is compile-time: four independent FMA chains instead of
-    // one 4*L*P long (which made the sum latency-bound); two or one where the registers are
-    // short (forward_accumulators). Runtime D sums into acc[0] only.
-    constexpr int kAccs = forward_accumulators<C, kD>();
-    Channels<V, kD> acc[4] = {{D, reinterpret_cast<C*>(mine)}, {D, reinterpret_cast<C*>(mine)},
-                              {D, reinterpret_cast<C*>(mine)}, {D, reinterpret_cast<C*>(mine)}};
     Group<C> group(mine + scratch.channels_bytes, scratch.group_capacity);
     // The distance between the (n, q, m) rows walked in turn: heads of one query, or one head's queries.
     group.row_stride = staged || block > 1 ? p.M : 1;
@@ -566,7 +560,15 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
     const std::int64_t cap = scratch.group_capacity;
     // out[n, q, m] = the sum of the taps of its samples, from `rows` (value + value_offset(n, 0, m),
     // or the head's copy).
-    auto sum_row = [&](std::int64_t n, std::int64_t q, std::int64_t m, const V* rows) {
+    // Inlined, with the accumulators its own locals: they then live in registers through the
+    // tap loop (captured from outside, they were stored back to memory after every tap).
+    auto sum_row = [&](std::int64_t n, std::int64_t q, std::int64_t m, const V* rows) MSDA_INLINE_LAMBDA {
+      // One accumulator per corner when D is compile-time: four independent FMA chains instead of
+      // one 4*L*P long (which made the sum latency-bound); two or one where the registers are
+      // short (forward_accumulators). Runtime D sums into acc[0] only, kept in `mine`.
+      constexpr int kAccs = forward_accumulators<C, kD>();
+      Channels<V, kD> acc[4] = {{D, reinterpret_cast<C*>(mine)}, {D, reinterpret_cast<C*>(mine)},
+                                {D, reinterpret_cast<C*>(mine)}, {D, reinterpret_cast<C*>(mine)}};
       group.load(p, p.sample_index(n, q, m, 0, 0), LP, 0);
       // Branch-free taps: an address and a weight per corner (zero_row and 0 off the map).
       group.locate_taps(LP, reinterpret_cast<std::int64_t>(rows), row_bytes, reinterpret_cast<std::int64_t>(zero_row));
