@@ -132,8 +132,9 @@ std::string_view name(Isa isa) noexcept;
 // are the fastest measured (README, "Measured"). Results agree across settings (a zero may differ
 // in sign) and each setting is bitwise deterministic.
 struct CpuTuning {
-  // forward: queries per block; inside a block the heads go one at a time so the gathered rows
-  // are those of one head. 0 = the default; 1 = each query does all its heads at once.
+  // forward, gathers read directly (`staging` below): queries per block; inside a block the
+  // heads go one at a time so the gathered rows are those of one head. 0 = the default; 1 = each
+  // query does all its heads at once. Staged gathers always walk one head's queries in turn.
   std::int64_t query_block = 0;
   // forward and backward: where the gathers read value's rows. In value ([N, S, M, D]) one
   // head's rows lie M*D elements apart, so the rows around a query's samples span M times the
