@@ -156,6 +156,34 @@ TEST(DeterminismManyThreads, BandedAccumulatorGivesTheSameBits) {
   }
 }
 
+// Runs `c` with `reference`, then with `vary(options, k)` for k < count at 1, 3, 5 and 9 threads
+// (on top of the reference's other settings): the output and every gradient must keep the
+// reference's bits, and so must the location and weight gradients asked for alone (no
+// grad_value: the backward's other plan of parts).
+template <class Vary>
+void expect_switch_keeps_bits(const Case& c, const msda::Options& reference, int count, Vary vary) {
+  Results want(c.problem);
+  run_all(c.problem, c.tensors, want, reference);
+  for (int k = 0; k < count; ++k)
+    for (int t : {1, 3, 5, 9}) {
+      msda::Options o = reference;
+      o.threads = t;
+      vary(o, k);
+      SCOPED_TRACE("variant " + std::to_string(k) + " threads=" + std::to_string(t));
+      Results got(c.problem);
+      run_all(c.problem, c.tensors, got, o);
+      EXPECT_TRUE(got.output.same_bytes(want.output)) << "output";
+      expect_same_gradients(got, want);
+      Results dots(c.problem);
+      dots.poison();
+      msda::Gradients only_dots = dots.gradients();
+      only_dots.value = nullptr;
+      msda::backward(c.problem, c.tensors.inputs(), c.tensors.grad_output.data(), only_dots, o);
+      EXPECT_TRUE(dots.grad_locations.same_bytes(want.grad_locations)) << "grad_sampling_locations alone";
+      EXPECT_TRUE(dots.grad_weights.same_bytes(want.grad_weights)) << "grad_attention_weights alone";
+    }
+}
+
 // A part's grad_value rows summed in a per-thread copy or in grad_value itself (f32, f64): the
 // same terms in the same order, so the same bits, at any thread count and with either plan of
 // parts; bf16 always uses the copy, so there the switch must change nothing either. Decoder-like
@@ -169,19 +197,11 @@ TEST(DeterminismManyThreads, ScatterInPlaceOrCopyGivesTheSameBits) {
       const Case c = make_case(s, {dtype, dtype, dtype}, Locations::mixed, case_seed(static_cast<int>(queries)));
       for (msda::Isa isa : cpu_isas()) {
         SCOPED_TRACE("isa " + std::string(msda::name(isa)) + " " + c.label);
-        msda::Options base{1, Backend::cpu, isa};
-        base.tuning.scatter = msda::CpuTuning::Scatter::copy;
-        Results copy(c.problem);
-        run_all(c.problem, c.tensors, copy, base);
-        for (auto scatter : {msda::CpuTuning::Scatter::in_place, msda::CpuTuning::Scatter::automatic})
-          for (int t : {1, 3, 5}) {
-            SCOPED_TRACE("scatter " + std::to_string(static_cast<int>(scatter)) + " threads=" + std::to_string(t));
-            msda::Options o{t, Backend::cpu, isa};
-            o.tuning.scatter = scatter;
-            Results other(c.problem);
-            run_all(c.problem, c.tensors, other, o);
-            expect_same_gradients(other, copy);
-          }
+        msda::Options copy{1, Backend::cpu, isa};
+        copy.tuning.scatter = msda::CpuTuning::Scatter::copy;
+        expect_switch_keeps_bits(c, copy, 2, [](msda::Options& o, int k) {
+          o.tuning.scatter = k == 0 ? msda::CpuTuning::Scatter::in_place : msda::CpuTuning::Scatter::automatic;
+        });
       }
     }
   }
@@ -202,31 +222,13 @@ TEST(DeterminismManyThreads, StagedOrDirectGathersGiveTheSameBits) {
         const Case c = make_case(s, {dtype, dtype, dtype}, Locations::mixed, case_seed(static_cast<int>(queries + channels)));
         for (msda::Isa isa : cpu_isas()) {
           SCOPED_TRACE("isa " + std::string(msda::name(isa)) + " " + c.label);
-          msda::Options base{1, Backend::cpu, isa};
-          base.tuning.staging = msda::CpuTuning::Staging::direct;
-          Results direct(c.problem);
-          run_all(c.problem, c.tensors, direct, base);
-          for (auto staging : {msda::CpuTuning::Staging::copy, msda::CpuTuning::Staging::automatic})
-            for (bool level_parts : {false, true})
-              for (int t : {1, 3, 5, 9}) {
-                SCOPED_TRACE("staging " + std::to_string(static_cast<int>(staging)) + " level_parts " +
-                             std::to_string(level_parts) + " threads=" + std::to_string(t));
-                msda::Options o{t, Backend::cpu, isa};
-                o.tuning.staging = staging;
-                o.tuning.level_parts = level_parts;
-                Results staged(c.problem);
-                run_all(c.problem, c.tensors, staged, o);
-                EXPECT_TRUE(staged.output.same_bytes(direct.output)) << "output";
-                expect_same_gradients(staged, direct);
-                // The dot products alone (no grad_value): the backward's other plan of parts.
-                Results dots(c.problem);
-                dots.poison();
-                msda::Gradients only_dots = dots.gradients();
-                only_dots.value = nullptr;
-                msda::backward(c.problem, c.tensors.inputs(), c.tensors.grad_output.data(), only_dots, o);
-                EXPECT_TRUE(dots.grad_locations.same_bytes(direct.grad_locations)) << "grad_sampling_locations alone";
-                EXPECT_TRUE(dots.grad_weights.same_bytes(direct.grad_weights)) << "grad_attention_weights alone";
-              }
+          msda::Options direct{1, Backend::cpu, isa};
+          direct.tuning.staging = msda::CpuTuning::Staging::direct;
+          // copy and automatic, each with whole parts and with parts of one level
+          expect_switch_keeps_bits(c, direct, 4, [](msda::Options& o, int k) {
+            o.tuning.staging = k % 2 == 0 ? msda::CpuTuning::Staging::copy : msda::CpuTuning::Staging::automatic;
+            o.tuning.level_parts = k >= 2;
+          });
         }
       }
     }

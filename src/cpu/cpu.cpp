@@ -114,6 +114,11 @@ std::int64_t max_level_rows(const Params& p) {
   return rows;
 }
 
+// The corners a (batch, head)'s samples touch, Q*L*P*4 (64 bits for any valid problem): against
+// k * S, whether its rows of value and grad_value get at least k corners each on average, the
+// density that decides where the backward sums (plan_scatter) and whether gathers are staged.
+std::int64_t corners_per_head(const Params& p) { return p.Q * p.L * p.P * 4; }
+
 // Corners per grad_value row, on average, up to which f32 and f64 sum in place (plan_scatter).
 constexpr std::int64_t kInPlaceCornersPerRow = 2;
 
@@ -132,9 +137,8 @@ BackwardPlan plan_scatter(const Params& p) {
   // several corners (encoders: 64 per row on ddetr-enc; dino-dec: 3.2), in place where rows get
   // about one (ddetr-dec 1.1, rtdetr-dec 1.7): README, "Measured".
   if (p.grad_value && (p.problem->value_dtype == DType::f32 || p.problem->value_dtype == DType::f64)) {
-    const std::int64_t corners = p.Q * p.L * p.P * 4;  // of a (batch, head); 64 bits for any valid problem
     plan.in_place = p.scatter == CpuTuning::Scatter::in_place ||
-                    (p.scatter == CpuTuning::Scatter::automatic && corners <= kInPlaceCornersPerRow * p.S);
+                    (p.scatter == CpuTuning::Scatter::automatic && corners_per_head(p) <= kInPlaceCornersPerRow * p.S);
   }
   const bool own_rows = p.grad_value && !plan.in_place;
   if (p.N * p.M >= p.threads && !p.level_parts && (!own_rows || p.S * row_bytes <= budget))
@@ -164,8 +168,7 @@ std::int64_t staged_rows(const Params& p, std::int64_t rows, std::int64_t corner
   if (p.staging == CpuTuning::Staging::direct || rows * p.D * static_cast<std::int64_t>(size_of(p.problem->value_dtype)) >
                                                      kStageBudgetBytes)
     return 0;
-  const std::int64_t corners = p.Q * p.L * p.P * 4;  // of a (batch, head); 64 bits for any valid problem
-  return p.staging == CpuTuning::Staging::copy || corners >= corners_per_row * p.S ? rows : 0;
+  return p.staging == CpuTuning::Staging::copy || corners_per_head(p) >= corners_per_row * p.S ? rows : 0;
 }
 
 // Memory kept between calls: a fresh allocation of megabytes page-faults on every call (README,

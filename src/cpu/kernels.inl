@@ -775,10 +775,12 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
 
       // The dot products read level l's rows from level_value(l), value_stride elements apart.
       const std::int64_t value_stride = head_rows ? D : row_stride;
-      if (head_rows && held != part / bands / query_parts) {
+      // The part's rows: those of (n, m) and its levels, the same for all its bands and query ranges.
+      const std::int64_t rows_key = part / bands / query_parts;
+      if (head_rows && held != rows_key) {
         copy_head_rows(p, value, n, m, p.level_start[l_begin],
                        (l_end < p.L ? p.level_start[l_end] : p.S) - p.level_start[l_begin], head_rows);
-        held = part / bands / query_parts;
+        held = rows_key;
       }
       auto level_value = [&](std::int64_t l) {
         return head_rows ? head_rows + (p.level_start[l] - p.level_start[l_begin]) * D
