@@ -102,6 +102,25 @@ struct Channels {
   }
 };
 
+// ---- work sharing ----------------------------------------------------------------------------
+
+// Runs job(i) for i in [0, count) across the calling parallel region's threads. `whole_heads`:
+// each job is all of one (batch, head)'s work, so threads take the next job as they finish
+// (dynamic): on a machine shared with other work, or with heads of unequal cost, no thread waits
+// at the loop's end for another's fixed share. Otherwise consecutive jobs share a head's staged
+// copy and each thread takes one contiguous run of them (static), copying each head once. The
+// split never changes a result's bits: every job writes its own outputs in its own fixed order.
+template <class Job>
+MSDA_INLINE void share_jobs(std::int64_t count, bool whole_heads, Job&& job) {
+  if (whole_heads) {
+#pragma omp for schedule(dynamic)
+    for (std::int64_t i = 0; i < count; ++i) job(i);
+  } else {
+#pragma omp for schedule(static)
+    for (std::int64_t i = 0; i < count; ++i) job(i);
+  }
+}
+
 // ---- prefetching -----------------------------------------------------------------------------
 
 // Asks for `bytes` from p on into the cache, one request per 64-byte line.
@@ -587,11 +606,10 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
     };
     if (staged) {
       std::int64_t held = -1;  // the (n, m) whose rows head_rows holds
-#pragma omp for schedule(static)
-      for (std::int64_t job = 0; job < p.N * p.M * ranges; ++job) {
+      share_jobs(p.N * p.M * ranges, ranges == 1, [&](std::int64_t job) MSDA_INLINE_LAMBDA {
         const std::int64_t nm = job / ranges, n = nm / p.M, m = nm % p.M, q_begin = job % ranges * range_size;
         const std::int64_t q_end = q_begin + range_size < p.Q ? q_begin + range_size : p.Q;
-        if (q_begin >= q_end) continue;
+        if (q_begin >= q_end) return;
         if (held != nm) {
           copy_head_rows(p, value, n, m, 0, p.S, head_rows);
           held = nm;
@@ -601,7 +619,7 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
           if (q + kPrefetchQueries < q_end) prefetch_samples(p, p.sample_index(n, q + kPrefetchQueries, m, 0, 0), LP);
           sum_row(n, q, m, head_rows);
         }
-      }
+      });
     } else {
 #pragma omp for schedule(static)
       for (std::int64_t job = 0; job < p.N * blocks_per_n; ++job) {
@@ -741,8 +759,8 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
         __builtin_memset(static_cast<void*>(grad_value + begin), 0, static_cast<std::size_t>(count) * sizeof(V));
       }
     }
-#pragma omp for schedule(static)
-    for (std::int64_t part = 0; part < p.N * p.M * parts_per_nm; ++part) {
+    // Parts of one (batch, head) split into query ranges share its staged copy: static then.
+    share_jobs(p.N * p.M * parts_per_nm, query_parts == 1, [&](std::int64_t part) MSDA_INLINE_LAMBDA {
       const std::int64_t n = part / (p.M * parts_per_nm), m = part / parts_per_nm % p.M, unit = part % parts_per_nm;
       const std::int64_t band = unit % bands, q_part = unit / bands % query_parts;
       const std::int64_t l_begin = unit / bands / query_parts * levels_per_part, l_end = l_begin + levels_per_part;
@@ -874,7 +892,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
           V* dst = grad_value + p.value_offset(n, first_row + r, m);
           for (std::int64_t d = 0; d < D; ++d) dst[d] = Storage<V>::store(acc[r * D + d]);
         }
-    }
+    });
   }
 }
 
