@@ -105,11 +105,12 @@ struct Channels {
 // ---- work sharing ----------------------------------------------------------------------------
 
 // Runs job(i) for i in [0, count) across the calling parallel region's threads. `whole_heads`:
-// each job is all of one (batch, head)'s work, so threads take the next job as they finish
-// (dynamic): on a machine shared with other work, or with heads of unequal cost, no thread waits
-// at the loop's end for another's fixed share. Otherwise consecutive jobs share a head's staged
-// copy and each thread takes one contiguous run of them (static), copying each head once. The
-// split never changes a result's bits: every job writes its own outputs in its own fixed order.
+// no two jobs share a staged copy (each is a whole (batch, head), or in the backward one level
+// of one), so threads take the next job as they finish (dynamic): on a machine shared with other
+// work, or with heads of unequal cost, no thread waits at the loop's end for another's fixed
+// share. Otherwise consecutive jobs (query ranges of one head) share its staged copy and each
+// thread takes one contiguous run of them (static), copying each head once. The split never
+// changes a result's bits: every job writes its own outputs in its own fixed order.
 template <class Job>
 MSDA_INLINE void share_jobs(std::int64_t count, bool whole_heads, Job&& job) {
   if (whole_heads) {
