@@ -104,22 +104,22 @@ struct Channels {
 
 // ---- work sharing ----------------------------------------------------------------------------
 
-// Runs job(i) for i in [0, count) across the calling parallel region's threads. `whole_heads`:
-// no two jobs share a staged copy (each is a whole (batch, head), or in the backward one level
-// of one), so threads take the next job as they finish (dynamic): on a machine shared with other
-// work, or with heads of unequal cost, no thread waits at the loop's end for another's fixed
-// share. Otherwise consecutive jobs (query ranges of one head) share its staged copy and each
-// thread takes one contiguous run of them (static), copying each head once. The split never
-// changes a result's bits: every job writes its own outputs in its own fixed order.
+// Runs job(i) for i in [0, count) across the calling parallel region's threads, handed out as
+// threads finish (dynamic): on a machine shared with other work, or with jobs of unequal cost, no
+// thread waits at the loop's end for another's fixed share. `whole_heads`: no two jobs share a
+// staged copy (each is a whole (batch, head), or in the backward one level of one), so they go
+// one at a time; otherwise consecutive jobs (query ranges of one head) share its copy, and they go
+// in runs of count / threads, static's runs, so each head is still copied once per run. One loop
+// for both: two would compile the job twice, and the two copies could order a multiply-add's
+// operands differently, which decides which of two NaNs a result carries (its bits at different
+// thread counts must not differ). The split never changes a result's bits otherwise: every job
+// writes its own outputs in its own fixed order.
 template <class Job>
 MSDA_INLINE void share_jobs(std::int64_t count, bool whole_heads, Job&& job) {
-  if (whole_heads) {
-#pragma omp for schedule(dynamic)
-    for (std::int64_t i = 0; i < count; ++i) job(i);
-  } else {
-#pragma omp for schedule(static)
-    for (std::int64_t i = 0; i < count; ++i) job(i);
-  }
+  const std::int64_t threads = omp_get_num_threads();
+  const std::int64_t run = whole_heads ? 1 : (count + threads - 1) / threads;
+#pragma omp for schedule(dynamic, run)
+  for (std::int64_t i = 0; i < count; ++i) job(i);
 }
 
 // ---- prefetching -----------------------------------------------------------------------------
