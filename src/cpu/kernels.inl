@@ -760,7 +760,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
         __builtin_memset(static_cast<void*>(grad_value + begin), 0, static_cast<std::size_t>(count) * sizeof(V));
       }
     }
-    // Parts of one (batch, head) split into query ranges share its staged copy: static then.
+    // Parts of one (batch, head) split into query ranges share its staged copy: runs of them then.
     share_jobs(p.N * p.M * parts_per_nm, query_parts == 1, [&](std::int64_t part) MSDA_INLINE_LAMBDA {
       const std::int64_t n = part / (p.M * parts_per_nm), m = part / parts_per_nm % p.M, unit = part % parts_per_nm;
       const std::int64_t band = unit % bands, q_part = unit / bands % query_parts;

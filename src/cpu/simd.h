@@ -162,7 +162,7 @@ MSDA_INLINE Vec<double> exp_lanes(Vec<double> x) {
 // x in every lane, as one broadcast (from memory where x is loaded). x - 0 is x for every x, -0
 // and NaN included, so the compiler drops the subtraction; it must keep the addition of
 // `Vec<C>{} + x` (0 + -0 is +0): one more dependent operation between every tap weight's load and
-// its multiply-add, and an element lane by lane made a masked broadcast per lane.
+// its multiply-add.
 template <class C>
 MSDA_INLINE Vec<C> broadcast(C x) {
   return x - Vec<C>{};
