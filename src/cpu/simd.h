@@ -222,6 +222,20 @@ MSDA_INLINE void reduce4(Vec<C> a, Vec<C> b, Vec<C> c, Vec<C> d, C* out) {
   }
 }
 
+// Lane i of the result = sum(v[i]), for kLanes<C> vectors v (overwritten), in a fixed order (the
+// same bits on every call): G lanes per group, the vectors folded in pairs until each group is one
+// lane; kLanes - 1 folds for kLanes sums, where reduce4 takes 4 folds for 4.
+template <class C, int G = kLanes<C>>
+MSDA_INLINE Vec<C> reduce_lanes(Vec<C>* v) {
+  if constexpr (G == 1) {
+    return v[0];
+  } else {
+#pragma GCC unroll 32
+    for (int i = 0; i < G / 2; ++i) v[i] = fold<C, G>(v[2 * i], v[2 * i + 1]);
+    return reduce_lanes<C, G / 2>(v);
+  }
+}
+
 template <class C>
 MSDA_INLINE C reduce_add(Vec<C> v) {
   // Pairwise halving: a fixed order, so the sum is the same bits on every call.
