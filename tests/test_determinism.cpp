@@ -187,7 +187,8 @@ void expect_switch_keeps_bits(const Case& c, const msda::Options& reference, int
 // A part's grad_value rows summed in a per-thread copy or in grad_value itself (f32, f64): the
 // same terms in the same order, so the same bits, at any thread count and with either plan of
 // parts; bf16 always uses the copy, so there the switch must change nothing either. Decoder-like
-// (few corners per row: automatic picks in place) and encoder-like (many: the copy) problems.
+// (40 queries: automatic sums the finer level, 1 corner per row, in place and the coarser, 4 per
+// row, in the copy) and encoder-like (many corners per row: the copy everywhere) problems.
 TEST(DeterminismManyThreads, ScatterInPlaceOrCopyGivesTheSameBits) {
   for (std::int64_t queries : {40, 600}) {
     Shape s;

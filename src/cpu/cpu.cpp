@@ -9,6 +9,7 @@
 #include <new>
 #include <optional>
 #include <string>
+#include <vector>
 
 // CMakeLists.txt builds the targets of one architecture and says which; a compiler aimed at
 // another one would leave the table below pointing at kernels that were never built.
@@ -103,7 +104,10 @@ struct BackwardPlan {
   std::int64_t query_parts = 1;      // > 1 only without grad_value
   std::int64_t band_rows = 0;        // grad_value rows per band of a level; 0: whole levels
   std::int64_t bands = 1;
-  bool in_place = false;             // f32/f64: summed in grad_value, no per-part copy
+  // f32/f64: per level, 1 where its rows are summed in grad_value itself (no per-part copy).
+  std::vector<char> in_place_levels;
+  bool any_in_place() const { return std::find(in_place_levels.begin(), in_place_levels.end(), 1) != in_place_levels.end(); }
+  bool all_in_place() const { return !in_place_levels.empty() && std::find(in_place_levels.begin(), in_place_levels.end(), 0) == in_place_levels.end(); }
 };
 
 std::int64_t compute_bytes(const Params& p) { return p.problem->value_dtype == DType::f64 ? 8 : 4; }
@@ -119,8 +123,9 @@ std::int64_t max_level_rows(const Params& p) {
 // density that decides where the backward sums (plan_scatter) and whether gathers are staged.
 std::int64_t corners_per_head(const Params& p) { return p.Q * p.L * p.P * 4; }
 
-// Corners per grad_value row, on average, up to which f32 and f64 sum in place (plan_scatter).
-constexpr std::int64_t kInPlaceCornersPerRow = 2;
+// Corners per grad_value row of a level, on average, up to which f32 and f64 sum that level in
+// place (plan_scatter).
+constexpr std::int64_t kInPlaceCornersPerRow = 1;
 
 // Unless summed in place, a part's grad_value rows are summed in a per-thread copy in the compute
 // type; above Params::accumulator_budget bytes (64 MiB by default) a part shrinks to one level,
@@ -133,14 +138,19 @@ BackwardPlan plan_scatter(const Params& p) {
   const std::int64_t budget = p.accumulator_budget;
   // A part's rows are summed in a contiguous copy, zeroed, added into and stored once (three
   // passes over its rows), or, for f32 and f64, in grad_value itself after one contiguous zeroing
-  // (a read-modify-write of an M*D-strided row per corner). The copy wins where each row gets
-  // several corners (encoders: 64 per row on ddetr-enc; dino-dec: 3.2), in place where rows get
-  // about one (ddetr-dec 1.1, rtdetr-dec 1.7): README, "Measured".
+  // (a read-modify-write of an M*D-strided row per corner, each likely a cache miss). The copy
+  // wins where rows get several corners (encoders: 64 per row on ddetr-enc), in place where they
+  // get at most one. The choice is made per level: a decoder's finest level is sparse (ddetr-dec:
+  // 0.36 corners per row) while its coarse levels are dense (1.4 to 22) and small enough for a
+  // copy to stay in cache. README, "Measured".
   if (p.grad_value && (p.problem->value_dtype == DType::f32 || p.problem->value_dtype == DType::f64)) {
-    plan.in_place = p.scatter == CpuTuning::Scatter::in_place ||
-                    (p.scatter == CpuTuning::Scatter::automatic && corners_per_head(p) <= kInPlaceCornersPerRow * p.S);
+    plan.in_place_levels.assign(static_cast<std::size_t>(p.L), 0);
+    for (std::int64_t l = 0; l < p.L; ++l)
+      plan.in_place_levels[l] = p.scatter == CpuTuning::Scatter::in_place ||
+                                (p.scatter == CpuTuning::Scatter::automatic &&
+                                 p.Q * p.P * 4 <= kInPlaceCornersPerRow * p.height[l] * p.width[l]);
   }
-  const bool own_rows = p.grad_value && !plan.in_place;
+  const bool own_rows = p.grad_value && !plan.all_in_place();
   if (p.N * p.M >= p.threads && !p.level_parts && (!own_rows || p.S * row_bytes <= budget))
     plan.levels_per_part = p.L;
   const std::int64_t rows = plan.levels_per_part == p.L ? p.S : max_level_rows(p);
@@ -250,8 +260,8 @@ struct ScratchBuffer {
       scratch.band_rows = plan->band_rows;
       scratch.bands = plan->bands;
       scratch.grads_bytes = round_up(LP * 3 * 8);
-      scratch.in_place = plan->in_place;
-      if (p.grad_value && !plan->in_place) {  // one part's (or band's) rows in the compute type
+      scratch.in_place_levels = plan->any_in_place() ? plan->in_place_levels.data() : nullptr;
+      if (p.grad_value && !plan->all_in_place()) {  // one part's (or band's) rows in the compute type
         std::int64_t rows = plan->levels_per_part == p.L ? p.S : max_level_rows(p);
         if (plan->band_rows > 0) rows = std::min(rows, plan->band_rows);
         extra = round_up(static_cast<std::size_t>(rows * p.D * compute_bytes(p)));

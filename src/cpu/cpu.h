@@ -36,7 +36,9 @@ struct Scratch {
   std::int64_t query_parts = 1;     // backward without grad_value: query ranges per part
   std::int64_t band_rows = 0;       // backward scatter: rows per band of a level (0: no bands)
   std::int64_t bands = 1;
-  bool in_place = false;             // backward: f32/f64 grad_value summed in itself (cpu.cpp)
+  // Backward, f32/f64: per level, whether its grad_value rows are summed in grad_value itself
+  // rather than in a per-part copy (cpu.cpp); L entries, or null when no level is.
+  const char* in_place_levels = nullptr;
   // Staged gathers (CpuTuning::staging): where in a thread's slice the copy of the value rows of
   // the head it works on starts, [rows, D] of the value type; 0: the gathers read value directly.
   std::size_t head_rows_at = 0;

@@ -810,8 +810,11 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
   const V* grad_out = static_cast<const V*>(p.grad_output);
   V* grad_value = static_cast<V*>(p.grad_value);
   const bool want_dots = p.wants_sample_gradients();
-  // Summed in grad_value itself (f32, f64, where the plan says so: cpu.cpp), or in own_rows.
-  const bool in_place = std::is_same_v<V, C> && scratch.in_place;
+  // Level l's rows are summed in grad_value itself (f32, f64, where the plan says so: cpu.cpp)
+  // or in own_rows, a contiguous copy of the part's rows.
+  auto in_place = [&](std::int64_t l) MSDA_INLINE_LAMBDA {
+    return std::is_same_v<V, C> && scratch.in_place_levels && scratch.in_place_levels[l];
+  };
 
 #pragma omp parallel num_threads(p.threads)
   {
@@ -825,15 +828,23 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
     V* head_rows = scratch.head_rows_at > 0 ? reinterpret_cast<V*>(mine + scratch.head_rows_at) : nullptr;
     std::int64_t held = -1;  // the (n, m, first level) whose rows head_rows holds
     group.set_levels(p);
-    if (in_place && grad_value) {
-      // The whole of grad_value, zeroed in contiguous runs (the parts' rows are strided by M*D)
-      // before any part adds into it: the loop's barrier orders the two.
+    if (grad_value && scratch.in_place_levels && std::is_same_v<V, C>) {
+      // The in-place levels' rows of grad_value (for each batch element and level, one contiguous
+      // range of all heads' rows), zeroed in runs before any part adds into them: the loop's
+      // barrier orders the two.
       constexpr std::int64_t kRun = std::int64_t(1) << 14;  // elements per run: 64 KiB of f32
-      const std::int64_t total = p.N * p.S * row_stride;
+      const std::int64_t batch_size = p.S * row_stride, total = p.N * batch_size;
 #pragma omp for schedule(static)
       for (std::int64_t run = 0; run < (total + kRun - 1) / kRun; ++run) {
-        const std::int64_t begin = run * kRun, count = total - begin < kRun ? total - begin : kRun;
-        __builtin_memset(static_cast<void*>(grad_value + begin), 0, static_cast<std::size_t>(count) * sizeof(V));
+        const std::int64_t begin = run * kRun, end = total - begin < kRun ? total : begin + kRun;
+        for (std::int64_t n = begin / batch_size; n * batch_size < end; ++n)
+          for (std::int64_t l = 0; l < p.L; ++l) {
+            if (!in_place(l)) continue;
+            const std::int64_t level_begin = n * batch_size + p.level_start[l] * row_stride;
+            const std::int64_t from = level_begin > begin ? level_begin : begin;
+            const std::int64_t level_end = level_begin + p.height[l] * p.width[l] * row_stride, to = level_end < end ? level_end : end;
+            if (from < to) __builtin_memset(static_cast<void*>(grad_value + from), 0, static_cast<std::size_t>(to - from) * sizeof(V));
+          }
       }
     }
     // Parts of one (batch, head) split into query ranges share its staged copy: runs of them then.
@@ -855,18 +866,29 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
       const std::int64_t first_row = p.level_start[l_begin] + row_begin;
       const std::int64_t rows = row_end > row_begin ? row_end - row_begin : 0;
       const std::int64_t s_begin = l_begin * P, s_end = l_end * P;
-      // acc + r * acc_stride accumulates grad_value[n, first_row + r, m, :] in the compute type:
-      // in grad_value itself, zeroed above, or in a contiguous copy of the part's rows, zeroed
-      // here and stored once at the end (bf16 and f16 are then rounded once: SPEC "Precision").
-      C* acc = nullptr;
-      std::int64_t acc_stride = D;
-      if (grad_value && in_place) {
-        acc = reinterpret_cast<C*>(grad_value) + p.value_offset(n, first_row, m);
-        acc_stride = row_stride;
-      } else if (grad_value) {
-        acc = own_rows;
-        __builtin_memset(static_cast<void*>(acc), 0, static_cast<std::size_t>(rows * D) * sizeof(C));
-      }
+      // Row r of the part (grad_value[n, first_row + r, m, :]) is summed in the compute type at
+      // level_acc(l) + r * acc_stride(l): in grad_value itself, zeroed above, or in a contiguous
+      // copy of the part's rows, zeroed here and stored once at the end (bf16 and f16 are then
+      // rounded once: SPEC "Precision"). Only the levels summed in the copy use it.
+      auto acc_stride = [&](std::int64_t l) MSDA_INLINE_LAMBDA { return in_place(l) ? row_stride : D; };
+      auto level_acc = [&](std::int64_t l) MSDA_INLINE_LAMBDA -> C* {
+        if (!grad_value) return nullptr;
+        return in_place(l) ? reinterpret_cast<C*>(grad_value) + p.value_offset(n, first_row, m) : own_rows;
+      };
+      // The part's rows of level l, [first, last) counted from first_row, for l in [l_begin, l_end).
+      auto level_rows = [&](std::int64_t l, std::int64_t& first, std::int64_t& last) MSDA_INLINE_LAMBDA {
+        first = p.level_start[l] - first_row;
+        last = first + p.height[l] * p.width[l];
+        first = first > 0 ? first : 0;
+        last = last < rows ? last : rows;
+      };
+      if (grad_value)
+        for (std::int64_t l = l_begin; l < l_end; ++l) {
+          std::int64_t r0, r1;
+          level_rows(l, r0, r1);
+          if (!in_place(l) && r0 < r1)
+            __builtin_memset(static_cast<void*>(own_rows + r0 * D), 0, static_cast<std::size_t>((r1 - r0) * D) * sizeof(C));
+        }
 
       // The dot products read level l's rows from level_value(l), value_stride elements apart.
       const std::int64_t value_stride = head_rows ? D : row_stride;
@@ -894,12 +916,14 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
         // one sample's loads alone would leave the CPU waiting on each in turn.
         for (std::int64_t l = l_begin, s = s_begin; l < l_end; ++l) {
           const V* level = level_value(l);
-          const C* level_acc = acc ? acc + (p.level_start[l] - first_row) * acc_stride : nullptr;
+          const std::int64_t stride = acc_stride(l);
+          const C* acc = level_acc(l);
+          acc = acc ? acc + (p.level_start[l] - first_row) * stride : nullptr;
           for (std::int64_t pt = 0; pt < P; ++pt, ++s)
             for (int c = 0; c < 4; ++c)
               if (const std::int64_t px = group.pixel[c * group.capacity + s]; px >= 0) {
                 if (want_dots) prefetch(level + px * value_stride, static_cast<std::size_t>(D) * sizeof(V));
-                if (level_acc) prefetch(level_acc + px * acc_stride, static_cast<std::size_t>(D) * sizeof(C));
+                if (acc) prefetch(acc + px * stride, static_cast<std::size_t>(D) * sizeof(C));
               }
         }
         g.load_row(grad_out + p.output_offset(n, q, m));
@@ -911,6 +935,8 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
           // Pixel k of level l is row level_row + k of this part's accumulator, if in [0, rows).
           const std::int64_t level_row = p.level_start[l] - first_row;
           const C H = static_cast<C>(p.height_f[l]), W = static_cast<C>(p.width_f[l]);
+          C* const acc = level_acc(l);
+          const std::int64_t stride = acc_stride(l);
           for (std::int64_t pt = 0; pt < P; ++pt, ++s) {
             const C a = static_cast<C>(group.a[s]);
             std::int64_t pixel[4];
@@ -951,7 +977,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
               for (int c = 0; c < 4; ++c) {
                 const std::int64_t row = level_row + pixel[c];
                 if (pixel[c] >= 0 && static_cast<std::uint64_t>(row) < static_cast<std::uint64_t>(rows))
-                  g.add_scaled_into(acc + row * acc_stride, a * w[c]);
+                  g.add_scaled_into(acc + row * stride, a * w[c]);
               }
           }
         }
@@ -967,10 +993,15 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
         if (p.grad_weights) store_values(p.grad_weights, first, count, p.problem->weight_dtype, grads);
         if (p.grad_locations) store_values(p.grad_locations, 2 * first, 2 * count, p.problem->location_dtype, grads + count);
       }
-      if (acc && !in_place)
-        for (std::int64_t r = 0; r < rows; ++r) {
-          V* dst = grad_value + p.value_offset(n, first_row + r, m);
-          for (std::int64_t d = 0; d < D; ++d) dst[d] = Storage<V>::store(acc[r * D + d]);
+      if (grad_value)
+        for (std::int64_t l = l_begin; l < l_end; ++l) {
+          std::int64_t r0, r1;
+          level_rows(l, r0, r1);
+          if (in_place(l)) continue;
+          for (std::int64_t r = r0; r < r1; ++r) {
+            V* dst = grad_value + p.value_offset(n, first_row + r, m);
+            for (std::int64_t d = 0; d < D; ++d) dst[d] = Storage<V>::store(own_rows[r * D + d]);
+          }
         }
     });
   }
