@@ -734,9 +734,9 @@ MSDA_INLINE auto interleave(P x, P y, std::integer_sequence<int, I...>) {
 // samples at a time. Summing each sample's three lane-wise combinations on its own took 4 folds
 // and ~20 vector operations per sample, which made the backward's dot products compute-bound.
 // Writes grads as backward_kernel reads it: [count) weight gradients, then [2 count) location
-// gradients, x and y interleaved. level_rows(l): level l's first row, value_stride apart.
-template <int kBlock, class V, int kD, class C, class LevelRows>
-MSDA_INLINE void block_dot_gradients(const Channels<V, kD>& g, const Group<C>& group, LevelRows&& level_rows,
+// gradients, x and y interleaved. level_value(l): level l's first row, value_stride apart.
+template <int kBlock, class V, int kD, class C, class LevelValue>
+MSDA_INLINE void block_dot_gradients(const Channels<V, kD>& g, const Group<C>& group, LevelValue&& level_value,
                                      std::int64_t value_stride, std::int64_t s_begin, std::int64_t s_end, C* grads) {
   typedef C Piece __attribute__((vector_size(kBlock * sizeof(C))));
   typedef double PieceD __attribute__((vector_size(kBlock * sizeof(double))));
@@ -758,7 +758,7 @@ MSDA_INLINE void block_dot_gradients(const Channels<V, kD>& g, const Group<C>& g
 #pragma GCC unroll 16
     for (int b = 0; b < kBlock; ++b) {
       const std::int64_t s = s0 + b;
-      const V* rows = s < s_end ? level_rows(group.level_of[s]) : nullptr;
+      const V* rows = s < s_end ? level_value(group.level_of[s]) : nullptr;
 #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) {
         const std::int64_t px = s < s_end ? group.pixel[c * cap + s] : -1;
