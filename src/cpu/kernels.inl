@@ -771,11 +771,20 @@ MSDA_INLINE void block_dot_gradients(const Channels<V, kD>& g, const Group<C>& g
     const Piece lh = piece(group.lh + s0), lw = piece(group.lw + s0), hh = 1 - lh, hw = 1 - lw;
     // d_weight = sum_c w_c dot(g, v_c); d_u = dot(g, hh (v01 - v00) + lh (v11 - v10));
     // d_v = dot(g, hw (v10 - v00) + lw (v11 - v01)); an off-map corner's value is zero.
-    const Piece d_weight = piece(group.bilinear + s0) * d0 + piece(group.bilinear + cap + s0) * d1 +
-                           piece(group.bilinear + 2 * cap + s0) * d2 + piece(group.bilinear + 3 * cap + s0) * d3;
+    const Piece d_weight_sum = piece(group.bilinear + s0) * d0 + piece(group.bilinear + cap + s0) * d1 +
+                               piece(group.bilinear + 2 * cap + s0) * d2 + piece(group.bilinear + 3 * cap + s0) * d3;
     const Piece d_u = hh * (d1 - d0) + lh * (d3 - d2), d_v = hw * (d2 - d0) + lw * (d3 - d1);
     const Piece a = piece_of_doubles(group.a + s0);
-    const Piece g_x = a * piece_of_doubles(group.width + s0) * d_u, g_y = a * piece_of_doubles(group.height + s0) * d_v;
+    // Where two NaN terms meet (an inf - inf beside a NaN of value, say), which one a sum returns,
+    // and so its sign, follows the operand order the compiler chose for that copy of this code,
+    // and the backward's loop is compiled more than once (the fuzzer found the one-pass and the
+    // two-pass plans, so 1 and 3 threads, giving NaN gradients of opposite signs). Every NaN
+    // gradient is stored as the one canonical NaN: the same bits from every copy.
+    const Piece nan = Piece{} + static_cast<C>(__builtin_nan(""));
+    auto canonical = [&](Piece x) MSDA_INLINE_LAMBDA { return x == x ? x : nan; };
+    const Piece d_weight = canonical(d_weight_sum);
+    const Piece g_x = canonical(a * piece_of_doubles(group.width + s0) * d_u),
+                g_y = canonical(a * piece_of_doubles(group.height + s0) * d_v);
     const std::int64_t k = s0 - s_begin;
     if (s0 + kBlock <= s_end) {
       const auto xy = interleave<kBlock>(g_x, g_y, std::make_integer_sequence<int, 2 * kBlock>{});
