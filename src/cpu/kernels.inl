@@ -775,16 +775,10 @@ MSDA_INLINE void block_dot_gradients(const Channels<V, kD>& g, const Group<C>& g
                                piece(group.bilinear + 2 * cap + s0) * d2 + piece(group.bilinear + 3 * cap + s0) * d3;
     const Piece d_u = hh * (d1 - d0) + lh * (d3 - d2), d_v = hw * (d2 - d0) + lw * (d3 - d1);
     const Piece a = piece_of_doubles(group.a + s0);
-    // Where two NaN terms meet (an inf - inf beside a NaN of value, say), which one a sum returns,
-    // and so its sign, follows the operand order the compiler chose for that copy of this code,
-    // and the backward's loop is compiled more than once (the fuzzer found the one-pass and the
-    // two-pass plans, so 1 and 3 threads, giving NaN gradients of opposite signs). Every NaN
-    // gradient is stored as the one canonical NaN: the same bits from every copy.
-    const Piece nan = Piece{} + static_cast<C>(__builtin_nan(""));
-    auto canonical = [&](Piece x) MSDA_INLINE_LAMBDA { return x == x ? x : nan; };
-    const Piece d_weight = canonical(d_weight_sum);
-    const Piece g_x = canonical(a * piece_of_doubles(group.width + s0) * d_u),
-                g_y = canonical(a * piece_of_doubles(group.height + s0) * d_v);
+    // NaN gradients canonical: the backward's loop is compiled more than once (canonical_nan).
+    const Piece d_weight = canonical_nan<C>(d_weight_sum);
+    const Piece g_x = canonical_nan<C>(a * piece_of_doubles(group.width + s0) * d_u),
+                g_y = canonical_nan<C>(a * piece_of_doubles(group.height + s0) * d_v);
     const std::int64_t k = s0 - s_begin;
     if (s0 + kBlock <= s_end) {
       const auto xy = interleave<kBlock>(g_x, g_y, std::make_integer_sequence<int, 2 * kBlock>{});
@@ -880,9 +874,10 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
       // copy of the part's rows, zeroed here and stored once at the end (bf16 and f16 are then
       // rounded once: SPEC "Precision"). Only the levels summed in the copy use it.
       auto acc_stride = [&](std::int64_t l) MSDA_INLINE_LAMBDA { return in_place(l) ? row_stride : D; };
+      C* const in_place_rows = grad_value ? reinterpret_cast<C*>(grad_value) + p.value_offset(n, first_row, m) : nullptr;
       auto level_acc = [&](std::int64_t l) MSDA_INLINE_LAMBDA -> C* {
         if (!grad_value) return nullptr;
-        return in_place(l) ? reinterpret_cast<C*>(grad_value) + p.value_offset(n, first_row, m) : own_rows;
+        return in_place(l) ? in_place_rows : own_rows;
       };
       // The part's rows of level l, [first, last) counted from first_row, for l in [l_begin, l_end).
       auto level_rows = [&](std::int64_t l, std::int64_t& first, std::int64_t& last) MSDA_INLINE_LAMBDA {
@@ -926,8 +921,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
         for (std::int64_t l = l_begin, s = s_begin; l < l_end; ++l) {
           const V* level = level_value(l);
           const std::int64_t stride = acc_stride(l);
-          const C* acc = level_acc(l);
-          acc = acc ? acc + (p.level_start[l] - first_row) * stride : nullptr;
+          const C* acc = grad_value ? level_acc(l) + (p.level_start[l] - first_row) * stride : nullptr;
           for (std::int64_t pt = 0; pt < P; ++pt, ++s)
             for (int c = 0; c < 4; ++c)
               if (const std::int64_t px = group.pixel[c * group.capacity + s]; px >= 0) {
@@ -1004,9 +998,9 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
       }
       if (grad_value)
         for (std::int64_t l = l_begin; l < l_end; ++l) {
+          if (in_place(l)) continue;
           std::int64_t r0, r1;
           level_rows(l, r0, r1);
-          if (in_place(l)) continue;
           for (std::int64_t r = r0; r < r1; ++r) {
             V* dst = grad_value + p.value_offset(n, first_row + r, m);
             for (std::int64_t d = 0; d < D; ++d) dst[d] = Storage<V>::store(own_rows[r * D + d]);

@@ -222,6 +222,18 @@ MSDA_INLINE void reduce4(Vec<C> a, Vec<C> b, Vec<C> c, Vec<C> d, C* out) {
   }
 }
 
+// x, with NaN (in any lane) replaced by the one canonical quiet NaN. Where two NaNs meet (an
+// inf - inf beside a NaN of the input, say), which one an operation returns, and so its sign,
+// follows the operand order the compiler chose for that compiled copy of the code, and a kernel's
+// loop may be compiled more than once (the fuzzer found the backward's one- and two-pass plans,
+// so 1 and 3 threads, giving NaN gradients of opposite signs). Results stored through here have
+// the same bits from every copy. T: C or a vector of C.
+template <class C, class T>
+MSDA_INLINE T canonical_nan(T x) {
+  const T nan = T{} + static_cast<C>(__builtin_nan(""));
+  return x == x ? x : nan;
+}
+
 // Lane i of the result = sum(v[i]), for kLanes<C> vectors v (overwritten), in a fixed order (the
 // same bits on every call): G lanes per group, the vectors folded in pairs until each group is one
 // lane; kLanes - 1 folds for kLanes sums, where reduce4 takes 4 folds for 4.
