@@ -972,9 +972,9 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
                 sums[1] = hh * (dot[1] - dot[0]) + lh * (dot[3] - dot[2]);
                 sums[2] = hw * (dot[2] - dot[0]) + lw * (dot[3] - dot[1]);
               }
-              grads[k] = sums[0];
-              grads[count + 2 * k] = a * W * sums[1];
-              grads[count + 2 * k + 1] = a * H * sums[2];
+              grads[k] = canonical_nan<C>(sums[0]);
+              grads[count + 2 * k] = canonical_nan<C>(a * W * sums[1]);
+              grads[count + 2 * k + 1] = canonical_nan<C>(a * H * sums[2]);
             }
             if (acc)
               for (int c = 0; c < 4; ++c) {
