@@ -43,7 +43,7 @@ struct Counts {
 };
 
 Counts counts(const Problem& p) {
-  return {p.batch * p.value_len * p.heads * p.channels, p.batch * p.queries * p.heads * p.num_levels() * p.points,
+  return {p.batch * p.value_len * p.heads * p.channels, p.batch * p.queries * p.heads * p.total_points(),
           p.batch * p.queries * p.heads * p.channels};
 }
 
@@ -75,7 +75,14 @@ Params make_params(const Problem& problem, const void* value, const void* locati
   params.D = problem.channels;
   params.Q = problem.queries;
   params.L = problem.num_levels();
-  params.P = problem.points;
+  params.K = problem.total_points();
+  params.point_start.push_back(0);
+  for (std::int64_t l = 0; l < params.L; ++l) {
+    params.points.push_back(problem.points_of(l));
+    params.point_start.push_back(params.point_start.back() + params.points.back());
+  }
+  params.discrete = problem.sampling == Sampling::discrete;
+  params.offset_scale = problem.offset_scale;
   params.level_start = level_starts(problem.levels);
   for (const Level& level : problem.levels) {
     params.height.push_back(level.height);
@@ -225,7 +232,7 @@ void backward(const Problem& problem, const Inputs& inputs, const void* grad_out
   if (n.samples == 0) {
     // No sample (N or Q or M is 0): grad_value is all zeros (the bits of +0.0 in every dtype)
     // and there are no location or weight gradients. Returning here also keeps per-sample
-    // scratch sizes (which scale with L*P) from being computed for a P that only an empty
+    // scratch sizes (which scale with K) from being computed for a K that only an empty
     // tensor can have.
     if (gradients.value && n.value > 0)
       zero(params, gradients.value, static_cast<std::size_t>(n.value) * size_of(problem.value_dtype));

@@ -12,9 +12,14 @@ namespace msda {
 
 struct Params {
   const Problem* problem = nullptr;
-  std::int64_t N = 0, S = 0, M = 0, D = 0, Q = 0, L = 0, P = 0;
+  // K: the samples of one (n, q, m), the sum over levels of P_l (L * P with equal points).
+  std::int64_t N = 0, S = 0, M = 0, D = 0, Q = 0, L = 0, K = 0;
   std::vector<std::int64_t> height, width, level_start;  // per level
   std::vector<double> height_f, width_f;                 // the same H and W, for coordinate math
+  // Points per level: level l's P_l samples of an (n, q, m) are [point_start[l],
+  // point_start[l + 1]) (L + 1 entries).
+  std::vector<std::int64_t> points, point_start;
+  bool discrete = false;  // Sampling::discrete: one pixel per sample, no location gradient
 
   const void* value = nullptr;
   const void* locations = nullptr;
@@ -34,6 +39,7 @@ struct Params {
   const void* reference_points = nullptr;  // [N, Q, L, reference_coords]
   std::int64_t reference_coords = 2;
   DType reference_dtype = DType::f32;
+  double offset_scale = 0.5;  // boxes: location = ref[:2] + off / P_l * ref[2:] * offset_scale
   // fused backward: the caller's gradients of the three inputs that replace locations and
   // weights (null: not wanted), and per-(n, q, m) partial sums of grad_reference_points,
   // [N, Q, M, L, reference_coords] doubles, that the cpu backend's kernel writes and its epilogue
@@ -55,7 +61,7 @@ struct Params {
   // Flat offsets, 64-bit. The sample (n, q, m, l, p) lives at sample_index * 2 in
   // sampling_locations and at sample_index in attention_weights.
   std::int64_t sample_index(std::int64_t n, std::int64_t q, std::int64_t m, std::int64_t l, std::int64_t p) const {
-    return (((n * Q + q) * M + m) * L + l) * P + p;
+    return ((n * Q + q) * M + m) * K + point_start[l] + p;
   }
   // Whether the backward computes any per-sample gradient (the dot products of a sample).
   bool wants_sample_gradients() const {

@@ -81,6 +81,21 @@ std::size_t size_of(DType dtype) noexcept {
   return 0;
 }
 
+std::string_view name(Sampling sampling) noexcept {
+  switch (sampling) {
+    case Sampling::bilinear: return "bilinear";
+    case Sampling::discrete: return "discrete";
+  }
+  return "unknown sampling";
+}
+
+std::int64_t Problem::total_points() const noexcept {
+  if (level_points.empty()) return num_levels() * points;  // validated: fits
+  std::int64_t k = 0;
+  for (std::int64_t p : level_points) k += p;
+  return k;
+}
+
 std::string_view name(Backend backend) noexcept {
   switch (backend) {
     case Backend::automatic: return "automatic";
@@ -127,8 +142,26 @@ void validate_common(const Problem& p, const SampleNames& names) {
   require_nonnegative(p.queries, "queries (Q)");
   require_nonnegative(p.heads, "heads (M)");
   require_positive(p.channels, "channels (D)");
-  require_positive(p.points, "points (P)");
   if (p.levels.empty()) throw Error("spatial_shapes", "at least 1 level (L >= 1)", "L = 0");
+  // K = the points of a head over all levels: L*P, or the sum of the points per level.
+  std::int64_t K = 0;
+  if (p.level_points.empty()) {
+    require_positive(p.points, "points (P)");
+    K = checked_product({p.num_levels(), p.points}, names.weights, "L*P");
+  } else {
+    if (p.level_points.size() != p.levels.size())
+      throw Error("points", str(p.num_levels()) + " entries (one per level of spatial_shapes)",
+                  str(static_cast<std::int64_t>(p.level_points.size())) + " entries " + str(p.level_points));
+    for (std::size_t l = 0; l < p.level_points.size(); ++l) {
+      if (p.level_points[l] < 1)
+        throw Error("points[" + std::to_string(l) + "]", ">= 1 (points of level " + std::to_string(l) + ")",
+                    str(p.level_points[l]));
+      if (__builtin_add_overflow(K, p.level_points[l], &K))
+        throw Error("points", "a sum K that fits in 64 bits", str(p.level_points));
+    }
+  }
+  if (p.sampling != Sampling::bilinear && p.sampling != Sampling::discrete)
+    throw Error("sampling", "bilinear (0) or discrete (1)", str(static_cast<std::int64_t>(p.sampling)));
   require_nonnegative(p.value_len, "value_len (S)");
 
   std::int64_t total_rows = 0;
@@ -172,16 +205,14 @@ void validate_common(const Problem& p, const SampleNames& names) {
     if (__builtin_mul_overflow(elements, static_cast<std::int64_t>(size_of(dtype)), &b))
       throw Error(argument, "a byte size that fits in 64 bits", str(elements) + " elements");
   };
-  const std::int64_t L = p.num_levels();
   // Products that stay meaningful when N or Q is zero (the row widths of the tensors).
   checked_product({p.heads, p.channels}, "value", "M*D");
   checked_product({p.value_len, p.heads, p.channels}, "value", "S*M*D");
-  checked_product({p.heads, L, p.points, 2}, names.locations, "M*L*P*2");
+  checked_product({p.heads, K, 2}, names.locations, "M*K*2 (K = L*P or the sum of points)");
   bytes(checked_product({p.batch, p.value_len, p.heads, p.channels}, "value", "N*S*M*D"), p.value_dtype, "value");
-  bytes(checked_product({p.batch, p.queries, p.heads, L, p.points, 2}, names.locations, "N*Q*M*L*P*2"),
-        p.location_dtype, names.locations);
-  bytes(checked_product({p.batch, p.queries, p.heads, L, p.points}, names.weights, "N*Q*M*L*P"), p.weight_dtype,
-        names.weights);
+  bytes(checked_product({p.batch, p.queries, p.heads, K, 2}, names.locations, "N*Q*M*K*2"), p.location_dtype,
+        names.locations);
+  bytes(checked_product({p.batch, p.queries, p.heads, K}, names.weights, "N*Q*M*K"), p.weight_dtype, names.weights);
   bytes(checked_product({p.batch, p.queries, p.heads, p.channels}, "output", "N*Q*M*D"), p.value_dtype, "output");
 }
 
@@ -196,8 +227,10 @@ void validate_fused(const Problem& p) {
     throw Error("reference_points", "2 coordinates (x, y) or 4 (cx, cy, w, h) in the last dimension",
                 str(p.reference_coords));
   check_sample_dtype(p.value_dtype, p.reference_dtype, "reference_points");
+  if (p.reference_coords == 4 && !(p.offset_scale >= -std::numeric_limits<double>::max() &&
+                                    p.offset_scale <= std::numeric_limits<double>::max()))
+    throw Error("offset_scale", "a finite number", std::to_string(p.offset_scale));
   validate_common(p, {"sampling_offsets", "attention_logits"});
-  checked_product({p.num_levels(), p.points}, "attention_logits", "L*P");  // its last size, even when M = 0
   const std::int64_t elements = checked_product({p.batch, p.queries, p.num_levels(), p.reference_coords},
                                                 "reference_points", "N*Q*L*coords");
   std::int64_t b;
@@ -205,53 +238,108 @@ void validate_fused(const Problem& p) {
     throw Error("reference_points", "a byte size that fits in 64 bits", str(elements) + " elements");
 }
 
-Problem describe(const TensorSizes& sizes, const std::int64_t* spatial_shapes,
-                 const std::int64_t* level_start_index, DType value_dtype, DType location_dtype,
-                 DType weight_dtype) {
-  const auto& v = sizes.value;
-  const auto& ss = sizes.spatial_shapes;
-  const auto& ls = sizes.level_start_index;
-  const auto& loc = sizes.sampling_locations;
-  const auto& w = sizes.attention_weights;
+namespace {
+
+// The per-sample tensors' sizes as describe() and describe_fused() check them: [N, Q, M, L, P, 2]
+// and [N, Q, M, L, P] (or the fused logits' [N, Q, M, L*P]) without points per level,
+// [N, Q, M, K, 2] and [N, Q, M, K] with them. Sets queries, points and level_points.
+void describe_samples(Problem& p, const std::vector<std::int64_t>& loc, const char* loc_name,
+                      const std::vector<std::int64_t>& w, const char* w_name, bool flat_weights,
+                      const std::vector<std::int64_t>& points) {
+  const std::int64_t N = p.batch, M = p.heads, L = p.num_levels();
+  if (!points.empty()) {
+    if (loc.size() != 5) throw Error(loc_name, "5 dimensions [N, Q, M, K, 2] (points per level given)", rank_str(loc));
+    if (w.size() != 4) throw Error(w_name, "4 dimensions [N, Q, M, K] (points per level given)", rank_str(w));
+    if (static_cast<std::int64_t>(points.size()) != L)
+      throw Error("points", str(L) + " entries (one per level of spatial_shapes)",
+                  str(static_cast<std::int64_t>(points.size())) + " entries " + str(points));
+    std::int64_t K = 0;
+    for (std::size_t l = 0; l < points.size(); ++l) {
+      if (points[l] < 1)
+        throw Error("points[" + std::to_string(l) + "]", ">= 1 (points of level " + std::to_string(l) + ")",
+                    str(points[l]));
+      if (__builtin_add_overflow(K, points[l], &K)) throw Error("points", "a sum K that fits in 64 bits", str(points));
+    }
+    const std::vector<std::int64_t> expected_loc{N, loc[1], M, K, 2};
+    if (loc != expected_loc)
+      throw Error(loc_name, "sizes [N, Q, M, K, 2] = " + str(expected_loc) +
+                                " (N, M from value; K = sum of points " + str(points) + ")",
+                  str(loc));
+    const std::vector<std::int64_t> expected_w{N, loc[1], M, K};
+    if (w != expected_w)
+      throw Error(w_name, "sizes [N, Q, M, K] = " + str(expected_w) + " (from " + loc_name + ")", str(w));
+    p.queries = loc[1];
+    p.points = 0;
+    p.level_points = points;
+    return;
+  }
+  const char* w_shape = flat_weights ? "4 dimensions [N, Q, M, L*P]" : "5 dimensions [N, Q, M, L, P]";
+  if (loc.size() != 6) throw Error(loc_name, "6 dimensions [N, Q, M, L, P, 2]", rank_str(loc));
+  if (w.size() != (flat_weights ? 4u : 5u)) throw Error(w_name, w_shape, rank_str(w));
+  const std::int64_t P = loc[4];
+  if (P < 1) throw Error(loc_name, "P >= 1 points (dimension 4)", "P = " + str(P));
+  const std::vector<std::int64_t> expected_loc{N, loc[1], M, L, P, 2};
+  if (loc != expected_loc)
+    throw Error(loc_name, "sizes [N, Q, M, L, P, 2] = " + str(expected_loc) +
+                              " (N, M from value; L from spatial_shapes)",
+                str(loc));
+  if (flat_weights) {
+    const std::vector<std::int64_t> expected_w{N, loc[1], M, checked_product({L, P}, w_name, "L*P")};
+    if (w != expected_w)
+      throw Error(w_name, "sizes [N, Q, M, L*P] = " + str(expected_w) + " (from " + loc_name + ")", str(w));
+  } else {
+    const std::vector<std::int64_t> expected_w(loc.begin(), loc.end() - 1);
+    if (w != expected_w)
+      throw Error(w_name, "sizes [N, Q, M, L, P] = " + str(expected_w) + " (from " + loc_name + ")", str(w));
+  }
+  p.queries = loc[1];
+  p.points = P;
+}
+
+// The checks both describe()s share for value, spatial_shapes and level_start_index, and the
+// Problem they give.
+Problem describe_value(const std::vector<std::int64_t>& v, const std::vector<std::int64_t>& ss,
+                       const std::vector<std::int64_t>& ls, const std::int64_t* spatial_shapes,
+                       const std::int64_t* level_start_index) {
   if (v.size() != 4) throw Error("value", "4 dimensions [N, S, M, D]", rank_str(v));
   if (ss.size() != 2 || ss[1] != 2) throw Error("spatial_shapes", "2 dimensions [L, 2]", rank_str(ss));
   if (ls.size() != 1) throw Error("level_start_index", "1 dimension [L]", rank_str(ls));
-  if (loc.size() != 6) throw Error("sampling_locations", "6 dimensions [N, Q, M, L, P, 2]", rank_str(loc));
-  if (w.size() != 5) throw Error("attention_weights", "5 dimensions [N, Q, M, L, P]", rank_str(w));
-  const std::pair<const std::vector<std::int64_t>*, const char*> named[] = {
-      {&v, "value"}, {&ss, "spatial_shapes"}, {&ls, "level_start_index"}, {&loc, "sampling_locations"},
-      {&w, "attention_weights"}};
-  for (const auto& [t, argument] : named)
-    for (std::int64_t s : *t)
-      if (s < 0) throw Error(argument, "non-negative sizes", str(*t));
-
-  const std::int64_t N = v[0], S = v[1], M = v[2], D = v[3], L = ss[0];
-  // The sizes validate() would reject, named here by the tensor they come from.
-  if (D < 1) throw Error("value", "D >= 1 channels per head (dimension 3)", "D = " + str(D));
+  const std::int64_t L = ss[0];
+  if (v[3] < 1) throw Error("value", "D >= 1 channels per head (dimension 3)", "D = " + str(v[3]));
   if (L < 1) throw Error("spatial_shapes", "at least 1 level (L >= 1)", "L = " + str(L));
-  if (loc[4] < 1) throw Error("sampling_locations", "P >= 1 points (dimension 4)", "P = " + str(loc[4]));
-  if (ls[0] != L)
-    throw Error("level_start_index", "[L] = [" + str(L) + "] (L from spatial_shapes)", str(ls));
-  const std::vector<std::int64_t> expected_loc{N, loc[1], M, L, loc[4], 2};
-  if (loc != expected_loc)
-    throw Error("sampling_locations", "sizes [N, Q, M, L, P, 2] = " + str(expected_loc) +
-                                          " (N, M from value; L from spatial_shapes)",
-                str(loc));
-  const std::vector<std::int64_t> expected_w(loc.begin(), loc.end() - 1);
-  if (w != expected_w)
-    throw Error("attention_weights", "sizes [N, Q, M, L, P] = " + str(expected_w) + " (from sampling_locations)",
-                str(w));
-
+  if (ls[0] != L) throw Error("level_start_index", "[L] = [" + str(L) + "] (L from spatial_shapes)", str(ls));
   Problem p;
-  p.batch = N;
-  p.value_len = S;
-  p.heads = M;
-  p.channels = D;
-  p.queries = loc[1];
-  p.points = loc[4];
+  p.batch = v[0];
+  p.value_len = v[1];
+  p.heads = v[2];
+  p.channels = v[3];
   p.levels.resize(static_cast<std::size_t>(L));
   p.level_start_index.assign(level_start_index, level_start_index + L);
   for (std::int64_t l = 0; l < L; ++l) p.levels[l] = Level{spatial_shapes[2 * l], spatial_shapes[2 * l + 1]};
+  return p;
+}
+
+void require_nonnegative_sizes(std::initializer_list<std::pair<const std::vector<std::int64_t>*, const char*>> named) {
+  for (const auto& [t, argument] : named)
+    for (std::int64_t s : *t)
+      if (s < 0) throw Error(argument, "non-negative sizes", str(*t));
+}
+
+}  // namespace
+
+Problem describe(const TensorSizes& sizes, const std::int64_t* spatial_shapes,
+                 const std::int64_t* level_start_index, DType value_dtype, DType location_dtype,
+                 DType weight_dtype, const std::vector<std::int64_t>& points, Sampling sampling) {
+  require_nonnegative_sizes({{&sizes.value, "value"},
+                             {&sizes.spatial_shapes, "spatial_shapes"},
+                             {&sizes.level_start_index, "level_start_index"},
+                             {&sizes.sampling_locations, "sampling_locations"},
+                             {&sizes.attention_weights, "attention_weights"}});
+  Problem p = describe_value(sizes.value, sizes.spatial_shapes, sizes.level_start_index, spatial_shapes,
+                             level_start_index);
+  describe_samples(p, sizes.sampling_locations, "sampling_locations", sizes.attention_weights, "attention_weights",
+                   false, points);
+  p.sampling = sampling;
   p.value_dtype = value_dtype;
   p.location_dtype = location_dtype;
   p.weight_dtype = weight_dtype;
@@ -261,58 +349,28 @@ Problem describe(const TensorSizes& sizes, const std::int64_t* spatial_shapes,
 
 Problem describe_fused(const FusedTensorSizes& sizes, const std::int64_t* spatial_shapes,
                        const std::int64_t* level_start_index, DType value_dtype, DType reference_dtype,
-                       DType offset_dtype, DType logit_dtype) {
-  const auto& v = sizes.value;
-  const auto& ss = sizes.spatial_shapes;
-  const auto& ls = sizes.level_start_index;
+                       DType offset_dtype, DType logit_dtype, const std::vector<std::int64_t>& points,
+                       Sampling sampling, double offset_scale) {
   const auto& ref = sizes.reference_points;
-  const auto& off = sizes.sampling_offsets;
-  const auto& logits = sizes.attention_logits;
-  if (v.size() != 4) throw Error("value", "4 dimensions [N, S, M, D]", rank_str(v));
-  if (ss.size() != 2 || ss[1] != 2) throw Error("spatial_shapes", "2 dimensions [L, 2]", rank_str(ss));
-  if (ls.size() != 1) throw Error("level_start_index", "1 dimension [L]", rank_str(ls));
+  require_nonnegative_sizes({{&sizes.value, "value"},
+                             {&sizes.spatial_shapes, "spatial_shapes"},
+                             {&sizes.level_start_index, "level_start_index"},
+                             {&ref, "reference_points"},
+                             {&sizes.sampling_offsets, "sampling_offsets"},
+                             {&sizes.attention_logits, "attention_logits"}});
   if (ref.size() != 4) throw Error("reference_points", "4 dimensions [N, Q, L, 2 or 4]", rank_str(ref));
-  if (off.size() != 6) throw Error("sampling_offsets", "6 dimensions [N, Q, M, L, P, 2]", rank_str(off));
-  if (logits.size() != 4) throw Error("attention_logits", "4 dimensions [N, Q, M, L*P]", rank_str(logits));
-  const std::pair<const std::vector<std::int64_t>*, const char*> named[] = {
-      {&v, "value"},          {&ss, "spatial_shapes"},     {&ls, "level_start_index"},
-      {&ref, "reference_points"}, {&off, "sampling_offsets"}, {&logits, "attention_logits"}};
-  for (const auto& [t, argument] : named)
-    for (std::int64_t s : *t)
-      if (s < 0) throw Error(argument, "non-negative sizes", str(*t));
-
-  const std::int64_t N = v[0], S = v[1], M = v[2], D = v[3], L = ss[0], P = off[4];
-  if (D < 1) throw Error("value", "D >= 1 channels per head (dimension 3)", "D = " + str(D));
-  if (L < 1) throw Error("spatial_shapes", "at least 1 level (L >= 1)", "L = " + str(L));
-  if (P < 1) throw Error("sampling_offsets", "P >= 1 points (dimension 4)", "P = " + str(P));
-  if (ls[0] != L)
-    throw Error("level_start_index", "[L] = [" + str(L) + "] (L from spatial_shapes)", str(ls));
-  const std::vector<std::int64_t> expected_off{N, off[1], M, L, P, 2};
-  if (off != expected_off)
-    throw Error("sampling_offsets", "sizes [N, Q, M, L, P, 2] = " + str(expected_off) +
-                                        " (N, M from value; L from spatial_shapes)",
-                str(off));
-  const std::int64_t Q = off[1];
+  Problem p = describe_value(sizes.value, sizes.spatial_shapes, sizes.level_start_index, spatial_shapes,
+                             level_start_index);
+  describe_samples(p, sizes.sampling_offsets, "sampling_offsets", sizes.attention_logits, "attention_logits", true,
+                   points);
+  const std::int64_t N = p.batch, Q = p.queries, L = p.num_levels();
   if (ref[0] != N || ref[1] != Q || ref[2] != L || (ref[3] != 2 && ref[3] != 4))
     throw Error("reference_points",
                 "sizes [N, Q, L, 2 or 4] = [" + str(N) + ", " + str(Q) + ", " + str(L) +
                     ", 2 or 4] (N from value, Q from sampling_offsets, L from spatial_shapes)",
                 str(ref));
-  const std::vector<std::int64_t> expected_logits{N, Q, M, checked_product({L, P}, "attention_logits", "L*P")};
-  if (logits != expected_logits)
-    throw Error("attention_logits", "sizes [N, Q, M, L*P] = " + str(expected_logits) + " (from sampling_offsets)",
-                str(logits));
-
-  Problem p;
-  p.batch = N;
-  p.value_len = S;
-  p.heads = M;
-  p.channels = D;
-  p.queries = Q;
-  p.points = P;
-  p.levels.resize(static_cast<std::size_t>(L));
-  p.level_start_index.assign(level_start_index, level_start_index + L);
-  for (std::int64_t l = 0; l < L; ++l) p.levels[l] = Level{spatial_shapes[2 * l], spatial_shapes[2 * l + 1]};
+  p.sampling = sampling;
+  p.offset_scale = offset_scale;
   p.value_dtype = value_dtype;
   p.location_dtype = offset_dtype;
   p.weight_dtype = logit_dtype;

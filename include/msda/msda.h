@@ -14,6 +14,12 @@
 //   reference_points    [N, Q, L, 2 or 4]   reference_dtype  ((x, y) or a box (cx, cy, w, h))
 //   sampling_offsets    [N, Q, M, L, P, 2]  location_dtype   (the offsets Linear's output)
 //   attention_logits    [N, Q, M, L*P]      weight_dtype     (before the softmax)
+//
+// Points per level (SPEC "Points per level and discrete sampling"; Problem::level_points): level
+// l has P_l points and K = sum of P_l; [L, P] above becomes [K] (the samples of level l at
+// k in [P_0 + ... + P_{l-1}, P_0 + ... + P_l)): sampling_locations and sampling_offsets are
+// [N, Q, M, K, 2], attention_weights and attention_logits [N, Q, M, K]. Equal P_l is the same
+// memory as the [L, P] form.
 #pragma once
 
 #include <cstdint>
@@ -42,6 +48,12 @@ class Error : public std::invalid_argument {
   std::string argument_, expected_, actual_;
 };
 
+// How a sample reads its level (SPEC): bilinear interpolation of the four pixels around it, or
+// the one pixel it falls in (RT-DETRv2's "discrete"), whose choice is piecewise constant and so
+// gives the location no gradient (the backward writes zeros there).
+enum class Sampling : std::uint8_t { bilinear, discrete };
+std::string_view name(Sampling sampling) noexcept;
+
 struct Level {
   std::int64_t height = 0;  // H_l
   std::int64_t width = 0;   // W_l
@@ -54,8 +66,12 @@ struct Problem {
   std::int64_t heads = 0;      // M
   std::int64_t channels = 0;   // D, per head
   std::int64_t queries = 0;    // Q
-  std::int64_t points = 0;     // P, per head and level
+  std::int64_t points = 0;     // P, per head and level (when level_points is empty)
   std::vector<Level> levels;   // L entries: spatial_shapes
+  // Points per level, P_0 .. P_{L-1} (each >= 1), or empty: `points` on every level. When given,
+  // `points` is not read.
+  std::vector<std::int64_t> level_points;
+  Sampling sampling = Sampling::bilinear;
   std::vector<std::int64_t> level_start_index;  // L entries, as the caller's tensor holds them
   DType value_dtype = DType::f32;
   DType location_dtype = DType::f32;  // value_dtype, or f32
@@ -64,8 +80,16 @@ struct Problem {
   // weight_dtype attention_logits').
   std::int64_t reference_coords = 2;   // 2: points (x, y); 4: boxes (cx, cy, w, h)
   DType reference_dtype = DType::f32;  // value_dtype, or f32
+  // Boxes: location = ref[:2] + offset / P_l * ref[2:] * offset_scale (Deformable DETR: 0.5;
+  // D-FINE and RT-DETRv2 pass their own). Finite; not read with 2 coordinates.
+  double offset_scale = 0.5;
 
   std::int64_t num_levels() const noexcept { return static_cast<std::int64_t>(levels.size()); }
+  // P_l, and K = the sum of P_l over the levels (L * points when level_points is empty).
+  std::int64_t points_of(std::int64_t level) const noexcept {
+    return level_points.empty() ? points : level_points[static_cast<std::size_t>(level)];
+  }
+  std::int64_t total_points() const noexcept;
 };
 
 // level_start_index for the given levels: 0, H_0*W_0, H_0*W_0 + H_1*W_1, ...
@@ -79,13 +103,16 @@ void validate(const Problem& problem);
 // For bindings that hold tensors: the sizes of SPEC's five tensors, checked for rank and for
 // agreement with each other, plus the contents of spatial_shapes ([L, 2], row-major) and
 // level_start_index ([L]). Returns the validated Problem or throws Error naming the tensor.
+// With `points` (L entries) the per-sample tensors have the [N, Q, M, K, ...] form; empty: the
+// [N, Q, M, L, P, ...] form, P read from sampling_locations.
 struct TensorSizes {
   std::vector<std::int64_t> value, spatial_shapes, level_start_index, sampling_locations,
       attention_weights;
 };
 Problem describe(const TensorSizes& sizes, const std::int64_t* spatial_shapes,
                  const std::int64_t* level_start_index, DType value_dtype, DType location_dtype,
-                 DType weight_dtype);
+                 DType weight_dtype, const std::vector<std::int64_t>& points = {},
+                 Sampling sampling = Sampling::bilinear);
 // Throws Error unless grad_output has the output's sizes [N, Q, M*D].
 void check_grad_output_sizes(const Problem& problem, const std::vector<std::int64_t>& sizes);
 
@@ -95,14 +122,16 @@ void validate_fused(const Problem& problem);
 
 // describe() for the fused op: value [N, S, M, D], spatial_shapes [L, 2], level_start_index [L],
 // reference_points [N, Q, L, 2 or 4], sampling_offsets [N, Q, M, L, P, 2],
-// attention_logits [N, Q, M, L*P].
+// attention_logits [N, Q, M, L*P]; with `points`, sampling_offsets [N, Q, M, K, 2] and
+// attention_logits [N, Q, M, K].
 struct FusedTensorSizes {
   std::vector<std::int64_t> value, spatial_shapes, level_start_index, reference_points, sampling_offsets,
       attention_logits;
 };
 Problem describe_fused(const FusedTensorSizes& sizes, const std::int64_t* spatial_shapes,
                        const std::int64_t* level_start_index, DType value_dtype, DType reference_dtype,
-                       DType offset_dtype, DType logit_dtype);
+                       DType offset_dtype, DType logit_dtype, const std::vector<std::int64_t>& points = {},
+                       Sampling sampling = Sampling::bilinear, double offset_scale = 0.5);
 
 enum class Backend : std::uint8_t {
   automatic,  // the fastest backend for host memory (today: cpu); never cuda, which needs asking
@@ -205,7 +234,7 @@ struct Inputs {
 // Null members are gradients the caller does not want: they are neither computed nor written.
 struct Gradients {
   void* value = nullptr;               // [N, S, M, D], fully overwritten (no accumulation)
-  void* sampling_locations = nullptr;  // [N, Q, M, L, P, 2]
+  void* sampling_locations = nullptr;  // [N, Q, M, L, P, 2] (discrete sampling: zeros)
   void* attention_weights = nullptr;   // [N, Q, M, L, P]
 };
 
@@ -219,8 +248,8 @@ struct FusedInputs {
 // Null members are gradients the caller does not want, as in Gradients.
 struct FusedGradients {
   void* value = nullptr;             // [N, S, M, D], fully overwritten
-  void* reference_points = nullptr;  // [N, Q, L, coords]
-  void* sampling_offsets = nullptr;  // [N, Q, M, L, P, 2]
+  void* reference_points = nullptr;  // [N, Q, L, coords] (discrete sampling: zeros)
+  void* sampling_offsets = nullptr;  // [N, Q, M, L, P, 2] (discrete sampling: zeros)
   void* attention_logits = nullptr;  // [N, Q, M, L*P]
 };
 

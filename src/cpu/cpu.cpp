@@ -118,10 +118,10 @@ std::int64_t max_level_rows(const Params& p) {
   return rows;
 }
 
-// The corners a (batch, head)'s samples touch, Q*L*P*4 (64 bits for any valid problem): against
+// The corners a (batch, head)'s samples touch, Q*K*4 (64 bits for any valid problem): against
 // k * S, whether its rows of value and grad_value get at least k corners each on average, the
 // density that decides where the backward sums (plan_scatter) and whether gathers are staged.
-std::int64_t corners_per_head(const Params& p) { return p.Q * p.L * p.P * 4; }
+std::int64_t corners_per_head(const Params& p) { return p.Q * p.K * 4; }
 
 // Corners per grad_value row of a level, on average, up to which f32 and f64 sum that level in
 // place (plan_scatter).
@@ -148,7 +148,7 @@ BackwardPlan plan_scatter(const Params& p) {
     for (std::int64_t l = 0; l < p.L; ++l)
       plan.in_place_levels[l] = p.scatter == CpuTuning::Scatter::in_place ||
                                 (p.scatter == CpuTuning::Scatter::automatic &&
-                                 p.Q * p.P * 4 <= kInPlaceCornersPerRow * p.height[l] * p.width[l]);
+                                 p.Q * p.points[l] * 4 <= kInPlaceCornersPerRow * p.height[l] * p.width[l]);
   }
   const bool own_rows = p.grad_value && !plan.all_in_place();
   if (p.N * p.M >= p.threads && !p.level_parts && (!own_rows || p.S * row_bytes <= budget))
@@ -245,11 +245,11 @@ struct ScratchBuffer {
 
   // `head_rows`: rows of value each thread copies for staged gathers (0: none).
   ScratchBuffer(const Params& p, const BackwardPlan* plan, std::int64_t head_rows) {
-    // L*P samples of one query live in scratch: a P whose arrays cannot exist is a bad_alloc,
-    // never a wrapped size (validate() bounds L*P only by the sampling tensors' byte count).
-    if (p.L * p.P > (std::int64_t(1) << 40) || p.D > (std::int64_t(1) << 40)) throw std::bad_alloc();
+    // K samples of one query live in scratch: a K whose arrays cannot exist is a bad_alloc,
+    // never a wrapped size (validate() bounds K only by the sampling tensors' byte count).
+    if (p.K > (std::int64_t(1) << 40) || p.D > (std::int64_t(1) << 40)) throw std::bad_alloc();
     auto round_up = [](std::size_t x) { return (x + 63) / 64 * 64; };
-    const auto LP = static_cast<std::size_t>(p.L * p.P);
+    const auto LP = static_cast<std::size_t>(p.K);
     scratch.channels_bytes = round_up(static_cast<std::size_t>(p.D) * 8);
     scratch.group_capacity = static_cast<std::int64_t>((LP + 7) / 8 * 8);
     scratch.group_bytes = round_up(static_cast<std::size_t>(scratch.group_capacity) * kGroupBytesPerSample);

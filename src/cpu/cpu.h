@@ -30,7 +30,7 @@ struct Scratch {
   std::size_t stride = 0;          // bytes per thread, a multiple of 64 (no false sharing)
   std::size_t channels_bytes = 0;  // D elements of the widest compute type
   std::size_t group_bytes = 0;     // kGroupBytesPerSample per sample of a group
-  std::size_t grads_bytes = 0;     // backward: 3*P gradients of one query
+  std::size_t grads_bytes = 0;     // backward: 3*K gradients of one query
   std::int64_t group_capacity = 0; // samples per geometry group, a multiple of 8
   std::int64_t levels_per_part = 0; // backward: levels of one part (all of them, or 1)
   std::int64_t query_parts = 1;     // backward without grad_value: query ranges per part
@@ -45,9 +45,9 @@ struct Scratch {
   std::byte* for_thread(int thread) const { return base + static_cast<std::size_t>(thread) * stride; }
 };
 
-// Upper bound of the geometry arrays per sample (kernels.inl, Group): 21 doubles (16 of them for
+// Upper bound of the geometry arrays per sample (kernels.inl, Group): 22 doubles (16 of them for
 // the fused op: 8 are softmax rows computed ahead), 6 int64 and 6 values of the compute type.
-inline constexpr std::size_t kGroupBytesPerSample = 21 * 8 + 6 * 8 + 6 * 8;
+inline constexpr std::size_t kGroupBytesPerSample = 22 * 8 + 6 * 8 + 6 * 8;
 
 // The kernels of each instruction set (src/cpu/targets/*.cpp).
 #define MSDA_DECLARE_TARGET(target)                              \

@@ -185,8 +185,8 @@ MSDA_INLINE void store_values(void* base, std::int64_t first, std::int64_t count
   }
 }
 
-// The fused op's softmax of the L*P logits of row (n, q, m) into a[0, L*P), in double and
-// max-subtracted (SPEC "The fused op"); a[L*P, L*P rounded up to whole vectors) must exist and is
+// The fused op's softmax of the K logits of row (n, q, m) into a[0, K), in double and
+// max-subtracted (SPEC "The fused op"); a[K, K rounded up to whole vectors) must exist and is
 // left 0. A NaN logit, or a row of -inf, makes the whole row NaN, as torch.softmax does. The max
 // and the sum are taken over vector lanes, then across them in a fixed order: the same bits on
 // every call.
@@ -241,7 +241,8 @@ struct Group {
   // The fused op (load): location = origin + offset / divisor * factor * half per coordinate,
   // SPEC's formulas in the reference backend's order, so the same bits (the same corners at any
   // pixel boundary): 2 coordinates: ref + off / (W, H) (divisor W or H, factor 1, half 1); 4:
-  // ref[:2] + off / P * ref[2:] * 0.5 (divisor P, factor w or h, half 0.5). The origins and
+  // ref[:2] + off / P_l * ref[2:] * offset_scale (divisor P_l, factor w or h, half offset_scale,
+  // 0.5 by default). The origins and
   // factors of the L levels come from the reference points of query `prepared` (n * Q + q); the
   // offsets are kept as loaded for the backward's chain rule.
   std::int64_t* level_of;  // in: each sample's level, -1 for padding lanes
@@ -249,12 +250,14 @@ struct Group {
   double* level_origin_y;
   double* level_factor_x;
   double* level_factor_y;
+  double* points;          // in: P_l of each sample's level (the fused op's divisor with boxes)
   C* offset_scale;  // [2 capacity], interleaved x, y: the backward's d location / d offset, 1 / (W, H)
-                    // (set once, by set_levels) or (w, h) * 0.5 / P of query `prepared`
+                    // (set once, by set_levels) or (w, h) * offset_scale / P_l of query `prepared`
   double* offset_x;
   double* offset_y;
   double half = 1;
   std::int64_t prepared = -1;
+  bool discrete = false;  // Sampling::discrete: each sample reads the one pixel it falls in
   // The fused op's softmax rows, computed kRows at a time (their dependency chains are
   // independent, so the CPU overlaps them: one row alone is a chain of max, exp, sum and
   // division); rows_first + k * rows_stride for k < rows_count, each `capacity` doubles.
@@ -263,7 +266,7 @@ struct Group {
   double* rows;
   std::int64_t rows_first = -1, rows_stride = 1, rows_count = 0, row_stride = 1;
   const double* softmax = nullptr;  // the current row's weights before the range rule zeroes any
-  static_assert(13 * sizeof(double) + kRows * sizeof(double) + 6 * sizeof(std::int64_t) + 6 * sizeof(C) <=
+  static_assert(14 * sizeof(double) + kRows * sizeof(double) + 6 * sizeof(std::int64_t) + 6 * sizeof(C) <=
                 kGroupBytesPerSample);
 
   MSDA_INLINE Group(std::byte* memory, std::int64_t cap) : capacity(cap) {
@@ -286,10 +289,11 @@ struct Group {
     offset_x = level_factor_y + 3 * cap;  // offset_scale: 2 * cap values of C, at most 2 * cap doubles
     offset_y = offset_x + cap;
     rows = offset_y + cap;
+    points = rows + kRows * cap;
     // Padding lanes (past the samples of a group) hold a harmless finite sample.
     for (std::int64_t s = 0; s < cap; ++s) {
       x[s] = y[s] = a[s] = 0;
-      height[s] = width[s] = 1;
+      height[s] = width[s] = points[s] = 1;
       level_offset[s] = 0;
       level_of[s] = -1;
       offset_x[s] = offset_y[s] = 0;
@@ -312,7 +316,7 @@ struct Group {
       return;
     }
     // The softmax needs the whole row (all levels), even when only some levels' samples are read.
-    const std::int64_t LP = p.L * p.P, row = first / LP;
+    const std::int64_t LP = p.K, row = first / LP;
     softmax = softmax_for(p, row, LP);
     prepare(p, row / p.M);
     for (std::int64_t s = 0; s < LP; s += kStep) store_compute(a + s, load_compute(softmax + s));
@@ -324,14 +328,15 @@ struct Group {
     // addition is one by 1 or by 0.5.
     using VD = Vec<double>;
     using VI = Vec<std::int64_t>;
-    const std::int64_t P = p.P, R = p.reference_coords;
-    const VD points = VD{} + static_cast<double>(P), one = VD{} + 1.0;
+    const std::int64_t R = p.reference_coords;
+    const VD one = VD{} + 1.0;
     for (std::int64_t s = at - at % kStep; s < at + count; s += kStep) {
       VI level;
       __builtin_memcpy(&level, level_of + s, sizeof(level));
       VD origin_x{}, origin_y{}, factor_x = one, factor_y = one;
-      const std::int64_t l_end = (s + kStep - 1) / P + 1 < p.L ? (s + kStep - 1) / P + 1 : p.L;
-      for (std::int64_t l = s / P; l < l_end; ++l) {
+      // The levels of this vector's lanes: from lane 0's (s < K) to the last real sample's.
+      const std::int64_t last = s + kStep - 1 < p.K ? s + kStep - 1 : p.K - 1;
+      for (std::int64_t l = level_of[s]; l <= level_of[last]; ++l) {
         const VI on = level == l;
         origin_x = on ? VD{} + level_origin_x[l] : origin_x;
         origin_y = on ? VD{} + level_origin_y[l] : origin_y;
@@ -340,8 +345,8 @@ struct Group {
           factor_y = on ? VD{} + level_factor_y[l] : factor_y;
         }
       }
-      const VD divisor_x = R == 2 ? load_compute(width + s) : points;
-      const VD divisor_y = R == 2 ? load_compute(height + s) : points;
+      const VD divisor_x = R == 2 ? load_compute(width + s) : load_compute(points + s);
+      const VD divisor_y = R == 2 ? load_compute(height + s) : load_compute(points + s);
       store_compute(x + s, origin_x + load_compute(offset_x + s) / divisor_x * factor_x * half);
       store_compute(y + s, origin_y + load_compute(offset_y + s) / divisor_y * factor_y * half);
     }
@@ -361,17 +366,19 @@ struct Group {
     return rows;
   }
 
-  // Per-sample constants of the problem: each sample's level, H and W, and (fused op, 2
+  // Per-sample constants of the problem: each sample's level, H, W and P_l, and (fused op, 2
   // coordinates) d location / d offset.
   MSDA_INLINE void set_levels(const Params& p) {
-    for (std::int64_t s = 0; s < p.L * p.P; ++s) {
-      const std::int64_t l = s / p.P;
-      height[s] = p.height_f[l];
-      width[s] = p.width_f[l];
-      level_of[s] = l;
-      offset_scale[2 * s] = static_cast<C>(1.0 / p.width_f[l]);
-      offset_scale[2 * s + 1] = static_cast<C>(1.0 / p.height_f[l]);
-    }
+    discrete = p.discrete;
+    for (std::int64_t l = 0; l < p.L; ++l)
+      for (std::int64_t s = p.point_start[l]; s < p.point_start[l + 1]; ++s) {
+        height[s] = p.height_f[l];
+        width[s] = p.width_f[l];
+        points[s] = static_cast<double>(p.points[l]);
+        level_of[s] = l;
+        offset_scale[2 * s] = static_cast<C>(1.0 / p.width_f[l]);
+        offset_scale[2 * s + 1] = static_cast<C>(1.0 / p.height_f[l]);
+      }
   }
 
   // The fused op's origin and factor of every level for query nq (= n * Q + q), read once for all
@@ -379,9 +386,8 @@ struct Group {
   MSDA_INLINE void prepare(const Params& p, std::int64_t nq) {
     if (nq == prepared) return;
     prepared = nq;
-    const std::int64_t R = p.reference_coords, P = p.P;
-    half = R == 2 ? 1.0 : 0.5;
-    const double half_per_point = 0.5 / static_cast<double>(P);
+    const std::int64_t R = p.reference_coords;
+    half = R == 2 ? 1.0 : p.offset_scale;
     double ref[4] = {0, 0, 1, 1};
     for (std::int64_t l = 0; l < p.L; ++l) {
       load_doubles(p.reference_points, (nq * p.L + l) * R, R, p.reference_dtype, ref);
@@ -389,11 +395,14 @@ struct Group {
       level_origin_y[l] = ref[1];
       level_factor_x[l] = ref[2];
       level_factor_y[l] = ref[3];
-      if (R == 4)
-        for (std::int64_t s = l * P; s < (l + 1) * P; ++s) {
-          offset_scale[2 * s] = static_cast<C>(ref[2] * half_per_point);
-          offset_scale[2 * s + 1] = static_cast<C>(ref[3] * half_per_point);
+      if (R == 4) {  // the reference backend's order: w * offset_scale / P_l
+        const double P = static_cast<double>(p.points[l]);
+        const C scale_x = static_cast<C>(ref[2] * half / P), scale_y = static_cast<C>(ref[3] * half / P);
+        for (std::int64_t s = p.point_start[l]; s < p.point_start[l + 1]; ++s) {
+          offset_scale[2 * s] = scale_x;
+          offset_scale[2 * s + 1] = scale_y;
         }
+      }
     }
   }
 
@@ -426,6 +435,7 @@ struct Group {
     Lanes g;
     const VD H = load_compute(height + s);
     g.W = load_compute(width + s);
+    if (discrete) return discrete_geometry(s, H);
     // The fused op's locations are full doubles, whose product with W is not exact: rounded
     // before the subtraction, as the reference does, or an FMA would pick other corners at pixel
     // boundaries.
@@ -446,6 +456,30 @@ struct Group {
     g.on[3] = bottom & right;
     const VD weight[4] = {hh * hw, hh * g.lw, g.lh * hw, g.lh * g.lw};
     for (int c = 0; c < 4; ++c) g.weight[c] = g.on[c] ? weight[c] : zero;
+    return g;
+  }
+
+  // Discrete sampling (SPEC): the one pixel (clamp(trunc(y*H + 0.5)), clamp(trunc(x*W + 0.5)))
+  // as corner 0 with weight 1, the other corners off the map, fractions 0; a NaN coordinate zeroes
+  // the sample. Clamped, trunc and floor agree (they differ below 0 only), and the clamp runs in
+  // double, so an infinite coordinate never meets an integer conversion.
+  MSDA_INLINE Lanes discrete_geometry(std::int64_t s, Vec<double> H) const {
+    using VD = Vec<double>;
+    const VD zero{}, one = zero + 1.0;
+    Lanes g;
+    g.W = load_compute(width + s);
+    const VD x_ = load_compute(x + s), y_ = load_compute(y + s);
+    g.in = (x_ == x_) & (y_ == y_);
+    const VD u = floor_lanes(rounded(x_ * g.W) + 0.5), v = floor_lanes(rounded(y_ * H) + 0.5);
+    const VD last_w = g.W - 1.0, last_h = H - 1.0;
+    const VD col = u < zero ? zero : u > last_w ? last_w : u, row = v < zero ? zero : v > last_h ? last_h : v;
+    g.fw = g.in ? col : zero;
+    g.fh = g.in ? row : zero;
+    g.lh = g.lw = zero;
+    g.on[0] = g.in;
+    g.on[1] = g.on[2] = g.on[3] = Vec<std::int64_t>{};
+    g.weight[0] = g.in ? one : zero;
+    g.weight[1] = g.weight[2] = g.weight[3] = zero;
     return g;
   }
 
@@ -554,7 +588,7 @@ constexpr int forward_accumulators() {
 template <class V, int kD>
 void forward_kernel(const Params& p, const Scratch& scratch) {
   using C = Compute<V>;
-  const std::int64_t D = kD > 0 ? kD : p.D, LP = p.L * p.P, row_stride = p.M * D;
+  const std::int64_t D = kD > 0 ? kD : p.D, LP = p.K, row_stride = p.M * D;
   const V* value = static_cast<const V*>(p.value);
   V* out = static_cast<V*>(p.output);
   const bool staged = scratch.head_rows_at > 0;
@@ -576,7 +610,7 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
     __builtin_memset(static_cast<void*>(zero_row), 0, static_cast<std::size_t>(D) * sizeof(V));
     V* head_rows = staged ? reinterpret_cast<V*>(mine + scratch.head_rows_at) : nullptr;
     group.set_levels(p);
-    for (std::int64_t s = 0; s < LP; ++s) group.level_offset[s] = p.level_start[s / p.P] * row_bytes;
+    for (std::int64_t s = 0; s < LP; ++s) group.level_offset[s] = p.level_start[group.level_of[s]] * row_bytes;
     const std::int64_t cap = scratch.group_capacity;
     // out[n, q, m] = the sum of the taps of its samples, from `rows` (value + value_offset(n, 0, m),
     // or the head's copy).
@@ -671,7 +705,7 @@ MSDA_INLINE void fused_chain(const Params& p, const Group<C>& group, const C* gr
                              double* partial) {
   constexpr std::int64_t kStep = kLanes<double>;
   using VD = Vec<double>;
-  const std::int64_t L = p.L, P = p.P, LP = L * P, R = p.reference_coords;
+  const std::int64_t L = p.L, LP = p.K, R = p.reference_coords;
   const C* g_a = grads;
   const C* g_loc = grads + LP;
   if (p.grad_logits) {  // softmax backward: a_j (g_j - sum_i a_i g_i)
@@ -698,18 +732,18 @@ MSDA_INLINE void fused_chain(const Params& p, const Group<C>& group, const C* gr
     });
   }
   if (!partial) return;
-  const double half_per_point = 0.5 / static_cast<double>(P);
   for (std::int64_t l = 0; l < L; ++l) {
-    const C* g = g_loc + 2 * l * P;
+    const std::int64_t P = p.points[l];
+    const C* g = g_loc + 2 * p.point_start[l];
     double sum[4] = {0, 0, 0, 0};
     for (std::int64_t k = 0; k < 2 * P; k += 2) {
       sum[0] += g[k];
       sum[1] += g[k + 1];
     }
-    if (R == 4)  // d location / d box size = offset * 0.5 / P
-      for (std::int64_t pt = 0, s = l * P; pt < P; ++pt, ++s) {
-        if (g[2 * pt] != 0) sum[2] += g[2 * pt] * (group.offset_x[s] * half_per_point);
-        if (g[2 * pt + 1] != 0) sum[3] += g[2 * pt + 1] * (group.offset_y[s] * half_per_point);
+    if (R == 4)  // d location / d box size = offset / P_l * offset_scale
+      for (std::int64_t pt = 0, s = p.point_start[l]; pt < P; ++pt, ++s) {
+        if (g[2 * pt] != 0) sum[2] += g[2 * pt] * (group.offset_x[s] / group.points[s] * group.half);
+        if (g[2 * pt + 1] != 0) sum[3] += g[2 * pt + 1] * (group.offset_y[s] / group.points[s] * group.half);
       }
     for (std::int64_t c = 0; c < R; ++c) partial[l * R + c] = sum[c];
   }
@@ -805,7 +839,7 @@ MSDA_INLINE void block_dot_gradients(const Channels<V, kD>& g, const Group<C>& g
 template <class V, int kD>
 void backward_kernel(const Params& p, const Scratch& scratch) {
   using C = Compute<V>;
-  const std::int64_t D = kD > 0 ? kD : p.D, row_stride = p.M * D, P = p.P;
+  const std::int64_t D = kD > 0 ? kD : p.D, row_stride = p.M * D;
   const std::int64_t levels_per_part = scratch.levels_per_part, level_parts = p.L / levels_per_part;
   const std::int64_t query_parts = scratch.query_parts, bands = scratch.bands;
   const std::int64_t parts_per_nm = level_parts * query_parts * bands;
@@ -825,7 +859,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
     Channels<V, kD> g(D, reinterpret_cast<C*>(mine));
     Group<C> group(mine + scratch.channels_bytes, scratch.group_capacity);
     group.row_stride = p.M;  // one head's queries in turn
-    C* grads = reinterpret_cast<C*>(mine + scratch.channels_bytes + scratch.group_bytes);  // [3][L*P]
+    C* grads = reinterpret_cast<C*>(mine + scratch.channels_bytes + scratch.group_bytes);  // [3][K]
     C* own_rows = reinterpret_cast<C*>(mine + scratch.channels_bytes + scratch.group_bytes + scratch.grads_bytes);
     // Staged (cpu.cpp: only with the dot products): the part's value rows, copied contiguous.
     V* head_rows = scratch.head_rows_at > 0 ? reinterpret_cast<V*>(mine + scratch.head_rows_at) : nullptr;
@@ -868,7 +902,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
                                        : part_rows;
       const std::int64_t first_row = p.level_start[l_begin] + row_begin;
       const std::int64_t rows = row_end > row_begin ? row_end - row_begin : 0;
-      const std::int64_t s_begin = l_begin * P, s_end = l_end * P;
+      const std::int64_t s_begin = p.point_start[l_begin], s_end = p.point_start[l_end];
       // Row r of the part (grad_value[n, first_row + r, m, :]) is summed in the compute type at
       // level_acc(l) + r * acc_stride(l): in grad_value itself, zeroed above, or in a contiguous
       // copy of the part's rows, zeroed here and stored once at the end (bf16 and f16 are then
@@ -922,7 +956,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
           const V* level = level_value(l);
           const std::int64_t stride = acc_stride(l);
           const C* acc = grad_value ? level_acc(l) + (p.level_start[l] - first_row) * stride : nullptr;
-          for (std::int64_t pt = 0; pt < P; ++pt, ++s)
+          for (std::int64_t pt = 0; pt < p.points[l]; ++pt, ++s)
             for (int c = 0; c < 4; ++c)
               if (const std::int64_t px = group.pixel[c * group.capacity + s]; px >= 0) {
                 if (want_dots) prefetch(level + px * value_stride, static_cast<std::size_t>(D) * sizeof(V));
@@ -940,7 +974,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
           const C H = static_cast<C>(p.height_f[l]), W = static_cast<C>(p.width_f[l]);
           C* const acc = level_acc(l);
           const std::int64_t stride = acc_stride(l);
-          for (std::int64_t pt = 0; pt < P; ++pt, ++s) {
+          for (std::int64_t pt = 0; pt < p.points[l]; ++pt, ++s) {
             const C a = static_cast<C>(group.a[s]);
             std::int64_t pixel[4];
             C w[4];
@@ -984,6 +1018,10 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
               }
           }
         }
+        // Discrete sampling: the pixel choice is piecewise constant, so no location gradient (the
+        // dot products above formed one from the off-map corners' zeros).
+        if (want_dots && p.discrete)
+          for (std::int64_t k = count; k < 3 * count; ++k) grads[k] = 0;
         if (p.fused) {
           // Parts of the fused backward cover whole rows (cpu.cpp): the chain rule runs here, while
           // the row's gradients are in `grads`, and only the reference-point sums leave the kernel.

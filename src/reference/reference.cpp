@@ -16,7 +16,25 @@ struct Bilinear {
   double lh = 0, lw = 0, hh = 0, hw = 0;
 };
 
-Bilinear locate(double x, double y, std::int64_t H, std::int64_t W) {
+// SPEC's discrete sampling: the one pixel (h0, w0) = (clamp(trunc(y*H + 0.5)), clamp(trunc(x*W +
+// 0.5))) with weight 1 (lh = lw = 0); a NaN coordinate reads nothing. Clamped as doubles, so an
+// infinite coordinate never meets an integer conversion.
+Bilinear locate_discrete(double x, double y, std::int64_t H, std::int64_t W) {
+  Bilinear b;
+  if (std::isnan(x) || std::isnan(y)) return b;
+  auto pixel = [](double c, std::int64_t size) {
+    const double t = std::trunc(c * static_cast<double>(size) + 0.5);
+    return static_cast<std::int64_t>(t < 0 ? 0.0 : t > static_cast<double>(size - 1) ? static_cast<double>(size - 1) : t);
+  };
+  b.in_range = true;
+  b.h0 = pixel(y, H);
+  b.w0 = pixel(x, W);
+  b.hh = b.hw = 1;
+  return b;
+}
+
+Bilinear locate(double x, double y, std::int64_t H, std::int64_t W, bool discrete) {
+  if (discrete) return locate_discrete(x, y, H, W);
   Bilinear b;
   const double u = x * static_cast<double>(W) - 0.5;
   const double v = y * static_cast<double>(H) - 0.5;
@@ -54,14 +72,16 @@ struct Kernels {
         for (std::int64_t m = 0; m < p.M; ++m) {
           std::fill(acc.begin(), acc.end(), 0.0);
           for (std::int64_t l = 0; l < p.L; ++l)
-            for (std::int64_t pt = 0; pt < p.P; ++pt) {
+            for (std::int64_t pt = 0; pt < p.points[l]; ++pt) {
               const std::int64_t i = p.sample_index(n, q, m, l, pt);
               const double a = Storage<W>::load(weight[i]);
               const Bilinear b = locate(Storage<Loc>::load(loc[2 * i]), Storage<Loc>::load(loc[2 * i + 1]),
-                                        p.height[l], p.width[l]);
+                                        p.height[l], p.width[l], p.discrete);
               if (!b.in_range) continue;
               for (std::int64_t d = 0; d < p.D; ++d) {
-                const double sample = b.hh * b.hw * pixel(n, l, m, b.h0, b.w0, d) +
+                // Discrete: the one pixel alone (its neighbours, weight 0, may be infinite).
+                const double sample = p.discrete ? pixel(n, l, m, b.h0, b.w0, d) :
+                                      b.hh * b.hw * pixel(n, l, m, b.h0, b.w0, d) +
                                       b.hh * b.lw * pixel(n, l, m, b.h0, b.w0 + 1, d) +
                                       b.lh * b.hw * pixel(n, l, m, b.h0 + 1, b.w0, d) +
                                       b.lh * b.lw * pixel(n, l, m, b.h0 + 1, b.w0 + 1, d);
@@ -88,13 +108,19 @@ struct Kernels {
       for (std::int64_t q = 0; q < p.Q; ++q)
         for (std::int64_t m = 0; m < p.M; ++m)
           for (std::int64_t l = 0; l < p.L; ++l)
-            for (std::int64_t pt = 0; pt < p.P; ++pt) {
+            for (std::int64_t pt = 0; pt < p.points[l]; ++pt) {
               const std::int64_t i = p.sample_index(n, q, m, l, pt);
               const double a = Storage<W>::load(weight[i]);
               const Bilinear b = locate(Storage<Loc>::load(loc[2 * i]), Storage<Loc>::load(loc[2 * i + 1]),
-                                        p.height[l], p.width[l]);
+                                        p.height[l], p.width[l], p.discrete);
               double d_weight = 0, d_u = 0, d_v = 0;
-              if (b.in_range) {
+              if (b.in_range && p.discrete) {  // one pixel, weight 1; the location has no gradient
+                for (std::int64_t d = 0; d < p.D; ++d) {
+                  const double g = Storage<V>::load(grad_out[p.output_offset(n, q, m) + d]);
+                  d_weight += g * pixel(n, l, m, b.h0, b.w0, d);
+                  if (grad_value) add_to_corner(n, l, m, b.h0, b.w0, d, a * g);
+                }
+              } else if (b.in_range) {
                 for (std::int64_t d = 0; d < p.D; ++d) {
                   const double g = Storage<V>::load(grad_out[p.output_offset(n, q, m) + d]);
                   const double v00 = pixel(n, l, m, b.h0, b.w0, d), v01 = pixel(n, l, m, b.h0, b.w0 + 1, d);
@@ -113,8 +139,9 @@ struct Kernels {
               // A sample zeroed by the range rule has exactly zero gradients (even for a NaN weight).
               if (grad_weight) grad_weight[i] = Storage<W>::store(d_weight);
               if (grad_loc) {
-                grad_loc[2 * i] = Storage<Loc>::store(b.in_range ? a * static_cast<double>(p.width[l]) * d_u : 0.0);
-                grad_loc[2 * i + 1] = Storage<Loc>::store(b.in_range ? a * static_cast<double>(p.height[l]) * d_v : 0.0);
+                const bool moves = b.in_range && !p.discrete;
+                grad_loc[2 * i] = Storage<Loc>::store(moves ? a * static_cast<double>(p.width[l]) * d_u : 0.0);
+                grad_loc[2 * i + 1] = Storage<Loc>::store(moves ? a * static_cast<double>(p.height[l]) * d_v : 0.0);
               }
             }
     for (std::size_t e = 0; e < gv.size(); ++e) grad_value[e] = Storage<V>::store(gv[e]);
@@ -142,10 +169,10 @@ void store_any(DType dtype, void* base, std::int64_t i, double x) {
   }
 }
 
-// Softmax of the L*P logits of row (n, q, m) into a[0, L*P), in double, max-subtracted. A NaN
+// Softmax of the K logits of row (n, q, m) into a[0, K), in double, max-subtracted. A NaN
 // logit, or a row of -inf, gives a row of NaN (as torch.softmax does).
 void softmax_row(const Params& p, std::int64_t row, double* a) {
-  const std::int64_t LP = p.L * p.P;
+  const std::int64_t LP = p.K;
   double max = -std::numeric_limits<double>::infinity();
   for (std::int64_t j = 0; j < LP; ++j) {
     a[j] = load_any(p.problem->weight_dtype, p.weights, row * LP + j);
@@ -162,7 +189,7 @@ struct Materialised {
 };
 
 Materialised materialise(const Params& p) {
-  const std::int64_t samples = p.N * p.Q * p.M * p.L * p.P, C = p.reference_coords;
+  const std::int64_t samples = p.N * p.Q * p.M * p.K, C = p.reference_coords;
   Materialised out{std::vector<double>(static_cast<std::size_t>(2 * samples)),
                    std::vector<double>(static_cast<std::size_t>(samples))};
   for (std::int64_t n = 0; n < p.N; ++n)
@@ -173,7 +200,8 @@ Materialised materialise(const Params& p) {
           double ref[4];
           for (std::int64_t c = 0; c < C; ++c)
             ref[c] = load_any(p.reference_dtype, p.reference_points, p.reference_offset(n, q) + l * C + c);
-          for (std::int64_t pt = 0; pt < p.P; ++pt) {
+          const double P = static_cast<double>(p.points[l]);
+          for (std::int64_t pt = 0; pt < p.points[l]; ++pt) {
             const std::int64_t i = p.sample_index(n, q, m, l, pt);
             const double ox = load_any(p.problem->location_dtype, p.locations, 2 * i);
             const double oy = load_any(p.problem->location_dtype, p.locations, 2 * i + 1);
@@ -183,8 +211,8 @@ Materialised materialise(const Params& p) {
               x = ref[0] + ox / p.width_f[l];
               y = ref[1] + oy / p.height_f[l];
             } else {
-              x = ref[0] + ox / static_cast<double>(p.P) * ref[2] * 0.5;
-              y = ref[1] + oy / static_cast<double>(p.P) * ref[3] * 0.5;
+              x = ref[0] + ox / P * ref[2] * p.offset_scale;
+              y = ref[1] + oy / P * ref[3] * p.offset_scale;
             }
           }
         }
@@ -231,13 +259,12 @@ void backward_fused(const Params& params) {
   const Params& p = params;
   const Materialised mat = materialise(p);
   Plain plain(p, mat);
-  const std::int64_t samples = p.N * p.Q * p.M * p.L * p.P, LP = p.L * p.P, C = p.reference_coords;
+  const std::int64_t samples = p.N * p.Q * p.M * p.K, LP = p.K, C = p.reference_coords;
   std::vector<double> g_loc(static_cast<std::size_t>(2 * samples)), g_a(static_cast<std::size_t>(samples));
   plain.params.grad_locations = g_loc.data();
   plain.params.grad_weights = g_a.data();
   with_value_type(p, [&]<class V>() { Kernels<V, double, double>{plain.params}.backward(); });
 
-  const double P = static_cast<double>(p.P);
   auto times = [](double g, double x) { return g == 0 ? 0.0 : g * x; };
   for (std::int64_t n = 0; n < p.N; ++n)
     for (std::int64_t q = 0; q < p.Q; ++q) {
@@ -255,7 +282,8 @@ void backward_fused(const Params& params) {
           double box[4] = {0, 0, 0, 0};
           for (std::int64_t c = 0; c < C; ++c)
             box[c] = load_any(p.reference_dtype, p.reference_points, p.reference_offset(n, q) + l * C + c);
-          for (std::int64_t pt = 0; pt < p.P; ++pt) {
+          const double P = static_cast<double>(p.points[l]), scale = p.offset_scale;
+          for (std::int64_t pt = 0; pt < p.points[l]; ++pt) {
             const std::int64_t i = p.sample_index(n, q, m, l, pt);
             const double gx = g_loc[2 * i], gy = g_loc[2 * i + 1];
             double* gr = grad_ref.data() + l * C;
@@ -269,11 +297,11 @@ void backward_fused(const Params& params) {
             } else {
               const double ox = load_any(p.problem->location_dtype, p.locations, 2 * i);
               const double oy = load_any(p.problem->location_dtype, p.locations, 2 * i + 1);
-              gr[2] += times(gx, ox / P * 0.5);
-              gr[3] += times(gy, oy / P * 0.5);
+              gr[2] += times(gx, ox / P * scale);
+              gr[3] += times(gy, oy / P * scale);
               if (p.grad_offsets) {
-                store_any(p.problem->location_dtype, p.grad_offsets, 2 * i, times(gx, box[2] * 0.5 / P));
-                store_any(p.problem->location_dtype, p.grad_offsets, 2 * i + 1, times(gy, box[3] * 0.5 / P));
+                store_any(p.problem->location_dtype, p.grad_offsets, 2 * i, times(gx, box[2] * scale / P));
+                store_any(p.problem->location_dtype, p.grad_offsets, 2 * i + 1, times(gy, box[3] * scale / P));
               }
             }
           }
