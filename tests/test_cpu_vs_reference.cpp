@@ -83,6 +83,25 @@ const std::vector<Scenario>& scenarios() {
       {"mixed_pow2", shape(2, 2, 9, 40, 3, {{8, 8}, {4, 2}, {1, 1}}), Locations::mixed,
        Weights::uniform},
       {"mixed_any_size", shape(1, 3, 7, 40, 5, {{9, 11}, {5, 6}, {2, 3}}), Locations::mixed},
+      // The v2 attention (SPEC "Points per level and discrete sampling"): D-FINE's [3, 6, 3], a
+      // level with one point, compile-time D = 32 and runtime D, bilinear and discrete, every kind
+      // of location (discrete: NaN and inf coordinates, pixel edges and centres, map borders).
+      {"v2_dfine_points", with_v2(shape(1, 8, 32, 30, 0, {{16, 16}, {8, 8}, {4, 4}}), {3, 6, 3}), Locations::mixed},
+      {"v2_points_wide", with_v2(shape(2, 2, 5, 30, 0, {{7, 9}, {4, 5}, {2, 3}, {1, 1}}), {1, 4, 2, 3}),
+       Locations::wide},
+      {"v2_points_nonfinite", with_v2(shape(1, 3, 16, 20, 0, {{6, 7}, {3, 3}}), {5, 2}), Locations::nonfinite},
+      {"v2_discrete", with_v2(shape(1, 8, 32, 30, 0, {{16, 16}, {8, 8}, {4, 4}}), {4, 4, 4}, msda::Sampling::discrete),
+       Locations::wide},
+      {"v2_discrete_points", with_v2(shape(2, 2, 7, 30, 0, {{9, 11}, {5, 6}, {2, 3}}), {3, 6, 3}, msda::Sampling::discrete),
+       Locations::mixed},
+      {"v2_discrete_nonfinite", with_v2(shape(1, 2, 64, 25, 0, {{6, 7}, {3, 3}}), {2, 3}, msda::Sampling::discrete),
+       Locations::nonfinite},
+      {"v2_discrete_centres", with_v2(shape(1, 2, 8, 40, 0, {{8, 16}, {4, 4}, {1, 2}}), {2, 1, 3}, msda::Sampling::discrete),
+       Locations::centres},
+      {"v2_discrete_edges", with_v2(shape(2, 2, 4, 40, 0, {{4, 8}, {1, 1}, {2, 16}}), {3, 1, 2}, msda::Sampling::discrete),
+       Locations::edges},
+      {"v2_discrete_borders", with_v2(shape(1, 3, 5, 40, 0, {{6, 9}, {1, 4}, {3, 1}}), {1, 2, 3}, msda::Sampling::discrete),
+       Locations::borders},
   };
   return all;
 }

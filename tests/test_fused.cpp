@@ -40,7 +40,20 @@ constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 struct FusedShape {
   std::int64_t batch = 1, heads = 1, channels = 1, queries = 1, points = 1, coords = 2;
   std::vector<Level> levels;
+  // The v2 attention: points per level (empty: `points` on every level), the sampling, and the
+  // box formula's scale (D-FINE and RT-DETRv2 pass their own).
+  std::vector<std::int64_t> level_points;
+  msda::Sampling sampling = msda::Sampling::bilinear;
+  double offset_scale = 0.5;
 };
+
+FusedShape with_v2(FusedShape shape, std::vector<std::int64_t> level_points, msda::Sampling sampling,
+                   double offset_scale) {
+  shape.level_points = std::move(level_points);
+  shape.sampling = sampling;
+  shape.offset_scale = offset_scale;
+  return shape;
+}
 
 FusedShape fused_shape(std::int64_t n, std::int64_t m, std::int64_t d, std::int64_t q, std::int64_t p,
                        std::vector<Level> levels, std::int64_t coords) {
@@ -89,6 +102,9 @@ msda::Problem make_fused_problem(const FusedShape& shape, const FusedDTypes& d) 
   p.location_dtype = d.offset;
   p.weight_dtype = d.logit;
   p.reference_coords = shape.coords;
+  p.level_points = shape.level_points;
+  p.sampling = shape.sampling;
+  p.offset_scale = shape.offset_scale;
   return p;
 }
 
@@ -139,7 +155,9 @@ FusedCase make_fused_case(const FusedShape& shape, const FusedDTypes& d, Draw dr
   std::mt19937_64 rng(seed);
   std::uniform_real_distribution<double> unit(0.0, 1.0), sym(-1.0, 1.0);
   std::normal_distribution<double> normal(0.0, 1.0);
-  const std::int64_t L = p.num_levels(), R = p.reference_coords, P = p.points;
+  const std::int64_t L = p.num_levels(), R = p.reference_coords, K = p.total_points();
+  std::vector<std::int64_t> level_of;  // the level of each of a row's K samples
+  for (std::int64_t l = 0; l < L; ++l) level_of.insert(level_of.end(), p.points_of(l), l);
   const bool nonfinite = draw == Draw::nonfinite;
   auto special = [&]() {
     const double values[] = {kNaN, kInfinity, -kInfinity, 1e30, -1e30};
@@ -172,7 +190,8 @@ FusedCase make_fused_case(const FusedShape& shape, const FusedDTypes& d, Draw dr
 
   c.tensors.offsets = Buffer(d.offset, location_size(p));
   for (std::int64_t i = 0; i < c.tensors.offsets.size(); i += 2) {
-    const std::int64_t l = i / 2 / P % L;
+    const std::int64_t l = level_of[i / 2 % K];
+    const double P = static_cast<double>(p.points_of(l));
     for (std::int64_t k = 0; k < 2; ++k) {
       const double size = static_cast<double>(k == 0 ? p.levels[l].width : p.levels[l].height);
       double o;
@@ -181,7 +200,7 @@ FusedCase make_fused_case(const FusedShape& shape, const FusedDTypes& d, Draw dr
       else if (R == 2)  // pixels of the level
         o = draw == Draw::wide ? 0.8 * size * sym(rng) : 4.0 * sym(rng);
       else  // fractions of half the box, spread over the points: loc = c + o / P * w / 2
-        o = (draw == Draw::wide ? 4.0 : 1.2) * static_cast<double>(P) * sym(rng);
+        o = (draw == Draw::wide ? 4.0 : 1.2) * P * sym(rng);
       if (nonfinite && unit(rng) < 0.1) o = special();
       c.tensors.offsets.set(i + k, o);
     }
@@ -190,7 +209,7 @@ FusedCase make_fused_case(const FusedShape& shape, const FusedDTypes& d, Draw dr
   c.tensors.logits = Buffer(d.logit, weight_size(p));
   for (std::int64_t i = 0; i < c.tensors.logits.size(); ++i) {
     // Every row keeps its first logit finite: a row of -inf is a row of NaN (tested on its own).
-    const bool row_start = i % (L * P) == 0;
+    const bool row_start = i % K == 0;
     c.tensors.logits.set(i, nonfinite && !row_start && unit(rng) < 0.15 ? -kInfinity : 1.5 * normal(rng));
   }
 
@@ -302,6 +321,17 @@ const std::vector<FusedScenario>& fused_scenarios() {
       {"nonfinite_2", fused_shape(2, 2, 8, 40, 4, {{6, 7}, {3, 3}}, 2), Draw::nonfinite},
       {"nonfinite_4", fused_shape(2, 2, 32, 40, 4, {{6, 7}, {3, 3}}, 4), Draw::nonfinite},
       {"pixel_boundaries_2", fused_shape(2, 2, 8, 40, 3, {{7, 9}, {5, 3}, {3, 1}}, 2), Draw::boundaries},
+      // The v2 attention: D-FINE's points [3, 6, 3] and offset_scale, discrete sampling.
+      {"v2_dfine_4", with_v2(fused_shape(1, 8, 32, 30, 0, {{16, 16}, {8, 8}, {4, 4}}, 4), {3, 6, 3},
+                             msda::Sampling::bilinear, 0.5), Draw::local},
+      {"v2_scale_4", with_v2(fused_shape(2, 2, 8, 30, 0, {{9, 7}, {5, 4}, {2, 3}}, 4), {1, 4, 2},
+                             msda::Sampling::bilinear, 0.75), Draw::wide},
+      {"v2_points_2", with_v2(fused_shape(2, 2, 17, 30, 0, {{9, 7}, {5, 4}}, 2), {5, 2},
+                              msda::Sampling::bilinear, 0.5), Draw::local},
+      {"v2_discrete_4", with_v2(fused_shape(1, 3, 32, 30, 0, {{16, 16}, {8, 8}, {4, 4}}, 4), {3, 6, 3},
+                                msda::Sampling::discrete, 0.5), Draw::local},
+      {"v2_discrete_nonfinite_4", with_v2(fused_shape(2, 2, 8, 40, 0, {{6, 7}, {3, 3}}, 4), {2, 3},
+                                          msda::Sampling::discrete, 0.3), Draw::nonfinite},
   };
   return all;
 }
@@ -369,7 +399,7 @@ struct Materialised {
 
 Materialised materialise(const FusedCase& c) {
   const msda::Problem& p = c.problem;
-  const std::int64_t L = p.num_levels(), P = p.points, R = p.reference_coords, LP = L * P;
+  const std::int64_t L = p.num_levels(), R = p.reference_coords, LP = p.total_points();
   Materialised m{Buffer(DType::f64, location_size(p)), Buffer(DType::f64, weight_size(p))};
   for (std::int64_t row = 0; row < p.batch * p.queries * p.heads; ++row) {
     const std::int64_t nq = row / p.heads;
@@ -378,15 +408,16 @@ Materialised materialise(const FusedCase& c) {
     for (std::int64_t j = 0; j < LP; ++j) total += std::exp(c.tensors.logits.get(row * LP + j) - top);
     for (std::int64_t j = 0; j < LP; ++j)
       m.weights.set(row * LP + j, std::exp(c.tensors.logits.get(row * LP + j) - top) / total);
-    for (std::int64_t l = 0; l < L; ++l)
-      for (std::int64_t pt = 0; pt < P; ++pt) {
-        const std::int64_t i = row * LP + l * P + pt;
+    for (std::int64_t l = 0, first = 0; l < L; first += p.points_of(l), ++l)
+      for (std::int64_t pt = 0; pt < p.points_of(l); ++pt) {
+        const std::int64_t i = row * LP + first + pt;
+        const double P = static_cast<double>(p.points_of(l));
         auto ref = [&](std::int64_t k) { return c.tensors.reference.get((nq * L + l) * R + k); };
         for (std::int64_t k = 0; k < 2; ++k) {
           const double o = c.tensors.offsets.get(2 * i + k);
           const double size = static_cast<double>(k == 0 ? p.levels[l].width : p.levels[l].height);
           m.locations.set(2 * i + k,
-                          R == 2 ? ref(k) + o / size : ref(k) + o / static_cast<double>(P) * ref(2 + k) * 0.5);
+                          R == 2 ? ref(k) + o / size : ref(k) + o / P * ref(2 + k) * p.offset_scale);
         }
       }
   }
@@ -396,10 +427,16 @@ Materialised materialise(const FusedCase& c) {
 // The fused op equals the plain op on the locations and weights of SPEC's formula: in f64 to
 // rounding; in f32 within f32 rounding of the locations. grad_value too.
 TEST(FusedVsPlainOp, EqualsThePlainOpOnMaterialisedLocationsAndWeights) {
+  const FusedShape equal = fused_shape(2, 3, 16, 30, 4, {{9, 11}, {5, 6}, {2, 3}}, 2);
+  // The v2 attention too: points per level, D-FINE's box formula with its own scale, discrete.
+  const FusedShape shapes[] = {equal, with_v2(equal, {3, 6, 3}, msda::Sampling::bilinear, 0.75),
+                               with_v2(equal, {2, 1, 4}, msda::Sampling::discrete, 0.5)};
+  for (const FusedShape& shape : shapes)
   for (std::int64_t coords : {2, 4}) {
     for (DType dtype : {DType::f64, DType::f32}) {
-      const FusedCase c = make_fused_case(fused_shape(2, 3, 16, 30, 4, {{9, 11}, {5, 6}, {2, 3}}, coords),
-                                          {dtype, dtype, dtype, dtype}, Draw::wide, case_seed(coords));
+      FusedShape s = shape;
+      s.coords = coords;
+      const FusedCase c = make_fused_case(s, {dtype, dtype, dtype, dtype}, Draw::wide, case_seed(coords));
       SCOPED_TRACE(c.label);
       const Materialised m = materialise(c);
       msda::Problem plain = c.problem;

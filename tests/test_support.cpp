@@ -230,7 +230,15 @@ std::string to_string(const DTypes& d) {
 std::string describe(const msda::Problem& p) {
   std::ostringstream os;
   os << "N=" << p.batch << " S=" << p.value_len << " M=" << p.heads << " D=" << p.channels
-     << " Q=" << p.queries << " P=" << p.points << " levels=[";
+     << " Q=" << p.queries << " P=";
+  if (p.level_points.empty()) {
+    os << p.points;
+  } else {
+    for (std::size_t l = 0; l < p.level_points.size(); ++l) os << (l ? "," : "[") << p.level_points[l];
+    os << "]";
+  }
+  if (p.sampling == msda::Sampling::discrete) os << " discrete";
+  os << " levels=[";
   for (std::size_t l = 0; l < p.levels.size(); ++l)
     os << (l ? " " : "") << "(" << p.levels[l].height << "," << p.levels[l].width << ")";
   os << "] dtypes=" << msda::name(p.value_dtype) << "/" << msda::name(p.location_dtype) << "/"
@@ -246,6 +254,8 @@ msda::Problem make_problem(const Shape& shape, const DTypes& dtypes) {
   p.queries = shape.queries;
   p.points = shape.points;
   p.levels = shape.levels;
+  p.level_points = shape.level_points;
+  p.sampling = shape.sampling;
   p.level_start_index = msda::level_starts(shape.levels);
   p.value_len = 0;
   for (const auto& l : shape.levels) p.value_len += l.height * l.width;
@@ -259,10 +269,16 @@ std::int64_t value_size(const msda::Problem& p) {
   return p.batch * p.value_len * p.heads * p.channels;
 }
 std::int64_t location_size(const msda::Problem& p) {
-  return p.batch * p.queries * p.heads * p.num_levels() * p.points * 2;
+  return p.batch * p.queries * p.heads * p.total_points() * 2;
 }
 std::int64_t weight_size(const msda::Problem& p) {
-  return p.batch * p.queries * p.heads * p.num_levels() * p.points;
+  return p.batch * p.queries * p.heads * p.total_points();
+}
+
+Shape with_v2(Shape shape, std::vector<std::int64_t> level_points, msda::Sampling sampling) {
+  shape.level_points = std::move(level_points);
+  shape.sampling = sampling;
+  return shape;
 }
 std::int64_t output_size(const msda::Problem& p) {
   return p.batch * p.queries * p.heads * p.channels;
@@ -363,19 +379,19 @@ Case make_case(const Shape& shape, const DTypes& dtypes, Locations kind, std::ui
   const std::int64_t L = p.num_levels();
   std::int64_t sample = 0;
   for (std::int64_t nqm = 0; nqm < p.batch * p.queries * p.heads; ++nqm) {
-    std::vector<double> logits(static_cast<std::size_t>(L * p.points));
+    std::vector<double> logits(static_cast<std::size_t>(p.total_points()));
     double max_logit = -kInf;
     for (auto& v : logits) v = normal(rng), max_logit = std::max(max_logit, v);
     double total = 0;
     for (auto& v : logits) v = std::exp(v - max_logit), total += v;
-    for (std::int64_t l = 0; l < L; ++l) {
-      for (std::int64_t pt = 0; pt < p.points; ++pt, ++sample) {
+    for (std::int64_t l = 0, k = 0; l < L; ++l) {
+      for (std::int64_t pt = 0; pt < p.points_of(l); ++pt, ++sample, ++k) {
         double x, y;
         draw_location(rng, kind, p.levels[static_cast<std::size_t>(l)], x, y);
         c.tensors.locations.set(2 * sample, x);
         c.tensors.locations.set(2 * sample + 1, y);
         const double w = weights == Weights::softmax
-                             ? logits[static_cast<std::size_t>(l * p.points + pt)] / total
+                             ? logits[static_cast<std::size_t>(k)] / total
                              : 2.0 * sym(rng);
         c.tensors.weights.set(sample, w);
       }

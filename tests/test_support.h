@@ -93,7 +93,14 @@ enum class Weights { softmax, uniform };
 struct Shape {
   std::int64_t batch = 1, heads = 1, channels = 1, queries = 1, points = 1;
   std::vector<msda::Level> levels;
+  // The v2 attention (SPEC "Points per level and discrete sampling"): points per level (empty:
+  // `points` on every level) and the sampling.
+  std::vector<std::int64_t> level_points;
+  msda::Sampling sampling = msda::Sampling::bilinear;
 };
+// The shape with points per level and a sampling.
+Shape with_v2(Shape shape, std::vector<std::int64_t> level_points,
+              msda::Sampling sampling = msda::Sampling::bilinear);
 
 struct DTypes {
   DType value = DType::f32, location = DType::f32, weight = DType::f32;

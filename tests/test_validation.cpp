@@ -146,6 +146,19 @@ std::vector<BadProblem> bad_problems() {
   add("N * S overflows", [](msda::Problem& p) {
         p.batch = kMax / 8;
       }, {});
+  // points per level (the v2 attention)
+  add("points per level: one entry for two levels", [](msda::Problem& p) { p.level_points = {3}; }, {"points"});
+  add("points per level: three entries for two levels", [](msda::Problem& p) { p.level_points = {3, 1, 2}; },
+      {"points"});
+  add("points per level: a zero", [](msda::Problem& p) { p.level_points = {3, 0}; }, {"points"});
+  add("points per level: a negative", [](msda::Problem& p) { p.level_points = {-1, 2}; }, {"points"});
+  add("points per level: a sum that overflows", [](msda::Problem& p) { p.level_points = {kMax, kMax}; },
+      {"points"});
+  add("points per level: sample counts that overflow", [](msda::Problem& p) {
+        p.level_points = {kP2_60, kP2_60};
+      }, {});
+  add("sampling out of range", [](msda::Problem& p) { p.sampling = static_cast<msda::Sampling>(7); },
+      {"sampling"});
   return bad;
 }
 
@@ -425,6 +438,48 @@ TEST(Describe, ValidTensorsGiveTheProblem) {
   empty.sizes.sampling_locations[1] = 0, empty.sizes.attention_weights[1] = 0;
   ASSERT_NO_THROW(p = call_describe(empty));
   EXPECT_EQ(p.queries, 0);
+}
+
+// With points per level the per-sample tensors are [N, Q, M, K, 2] and [N, Q, M, K].
+TEST(Describe, PointsPerLevel) {
+  Described d = base_described();
+  d.sizes.sampling_locations = {2, 3, 2, 5, 2};
+  d.sizes.attention_weights = {2, 3, 2, 5};
+  const std::vector<std::int64_t> points = {3, 2};
+  msda::Problem p;
+  ASSERT_NO_THROW(p = msda::describe(d.sizes, d.shapes.data(), d.starts.data(), d.value, d.location, d.weight, points,
+                                     msda::Sampling::discrete));
+  EXPECT_EQ(p.level_points, points);
+  EXPECT_EQ(p.total_points(), 5);
+  EXPECT_EQ(p.points_of(1), 2);
+  EXPECT_EQ(p.sampling, msda::Sampling::discrete);
+  EXPECT_EQ(p.queries, 3);
+
+  struct Bad {
+    std::string what;
+    std::vector<std::int64_t> locations, weights, points;
+    std::string name;
+  };
+  const Bad bad[] = {
+      {"the [L, P] layout with points", {2, 3, 2, 2, 2, 2}, {2, 3, 2, 2, 2}, {3, 2}, "sampling_locations"},
+      {"K disagrees with the points", {2, 3, 2, 4, 2}, {2, 3, 2, 4}, {3, 2}, "sampling_locations"},
+      {"weights' K disagrees", {2, 3, 2, 5, 2}, {2, 3, 2, 4}, {3, 2}, "attention_weights"},
+      {"weights of rank 5", {2, 3, 2, 5, 2}, {2, 3, 2, 5, 1}, {3, 2}, "attention_weights"},
+      {"three points for two levels", {2, 3, 2, 6, 2}, {2, 3, 2, 6}, {3, 2, 1}, "points"},
+      {"a level with no point", {2, 3, 2, 3, 2}, {2, 3, 2, 3}, {3, 0}, "points[1]"},
+  };
+  for (const Bad& b : bad) {
+    SCOPED_TRACE(b.what);
+    Described t = base_described();
+    t.sizes.sampling_locations = b.locations;
+    t.sizes.attention_weights = b.weights;
+    try {
+      msda::describe(t.sizes, t.shapes.data(), t.starts.data(), t.value, t.location, t.weight, b.points);
+      ADD_FAILURE() << "no error";
+    } catch (const msda::Error& e) {
+      EXPECT_EQ(e.argument(), b.name) << e.what();
+    }
+  }
 }
 
 TEST(Describe, BadTensorsThrowNamingTheTensor) {
