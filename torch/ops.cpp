@@ -52,13 +52,25 @@ void check_devices(const at::Tensor& value, std::initializer_list<std::pair<cons
     throw Error("value", "a CPU or CUDA tensor (msda has no kernel for this device)", value.device().str());
 }
 
+// The op's keyword options, as the core takes them.
+std::vector<std::int64_t> points_of(at::OptionalIntArrayRef points) {
+  return points.has_value() ? points->vec() : std::vector<std::int64_t>{};
+}
+
+Sampling sampling_of(c10::string_view sampling) {
+  if (sampling == "bilinear") return Sampling::bilinear;
+  if (sampling == "discrete") return Sampling::discrete;
+  throw Error("sampling", "\"bilinear\" or \"discrete\"", "\"" + std::string(sampling) + "\"");
+}
+
 struct Prepared {
   Problem problem;
   at::Tensor value, locations, weights;
 };
 
 Prepared prepare(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
-                 const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
+                 const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
+                 at::OptionalIntArrayRef points, c10::string_view sampling) {
   check_devices(value, {{&value, "value"},
                         {&spatial_shapes, "spatial_shapes"},
                         {&level_start_index, "level_start_index"},
@@ -71,7 +83,7 @@ Prepared prepare(const at::Tensor& value, const at::Tensor& spatial_shapes, cons
   Prepared p;
   p.problem = describe(sizes, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), dtype_of(value, "value"),
                        dtype_of(sampling_locations, "sampling_locations"),
-                       dtype_of(attention_weights, "attention_weights"));
+                       dtype_of(attention_weights, "attention_weights"), points_of(points), sampling_of(sampling));
   p.value = value.contiguous();
   p.locations = sampling_locations.contiguous();
   p.weights = attention_weights.contiguous();
@@ -88,7 +100,8 @@ struct PreparedFused {
 
 PreparedFused prepare_fused(const at::Tensor& value, const at::Tensor& spatial_shapes,
                             const at::Tensor& level_start_index, const at::Tensor& reference_points,
-                            const at::Tensor& sampling_offsets, const at::Tensor& attention_logits) {
+                            const at::Tensor& sampling_offsets, const at::Tensor& attention_logits,
+                            at::OptionalIntArrayRef points, c10::string_view sampling, double offset_scale) {
   check_devices(value, {{&value, "value"},
                         {&spatial_shapes, "spatial_shapes"},
                         {&level_start_index, "level_start_index"},
@@ -103,7 +116,8 @@ PreparedFused prepare_fused(const at::Tensor& value, const at::Tensor& spatial_s
   p.problem = describe_fused(sizes, shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), dtype_of(value, "value"),
                              dtype_of(reference_points, "reference_points"),
                              dtype_of(sampling_offsets, "sampling_offsets"),
-                             dtype_of(attention_logits, "attention_logits"));
+                             dtype_of(attention_logits, "attention_logits"), points_of(points),
+                             sampling_of(sampling), offset_scale);
   p.value = value.contiguous();
   p.reference = reference_points.contiguous();
   p.offsets = sampling_offsets.contiguous();
@@ -177,9 +191,11 @@ bool cuda_built() { return msda::cuda_built(); }
 
 at::Tensor forward(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
                    const at::Tensor& sampling_locations, const at::Tensor& attention_weights,
-                   c10::optional<int64_t> /*im2col_step: accepted for compatibility, no rule attached*/) {
+                   c10::optional<int64_t> /*im2col_step: accepted for compatibility, no rule attached*/,
+                   at::OptionalIntArrayRef points, c10::string_view sampling) {
   return translating_errors([&] {
-    Prepared p = prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+    Prepared p = prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, points,
+                         sampling);
     const Problem& pr = p.problem;
     at::Tensor output = at::empty({pr.batch, pr.queries, pr.heads * pr.channels}, p.value.options());
     const Runner run(value, pr, Pass::forward);
@@ -194,9 +210,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
                                                         const at::Tensor& level_start_index,
                                                         const at::Tensor& sampling_locations,
                                                         const at::Tensor& attention_weights,
-                                                        std::array<bool, 3> output_mask) {
+                                                        std::array<bool, 3> output_mask,
+                                                        at::OptionalIntArrayRef points, c10::string_view sampling) {
   return translating_errors([&] {
-    Prepared p = prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
+    Prepared p = prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, points,
+                         sampling);
     const at::Tensor g = checked_grad_output(grad_output, value, p.problem);
     at::Tensor grad_value = gradient_for(p.value, output_mask[0]);
     at::Tensor grad_locations = gradient_for(p.locations, output_mask[1]);
@@ -211,10 +229,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad_o
 
 at::Tensor fused_forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
                          const at::Tensor& level_start_index, const at::Tensor& reference_points,
-                         const at::Tensor& sampling_offsets, const at::Tensor& attention_logits) {
+                         const at::Tensor& sampling_offsets, const at::Tensor& attention_logits,
+                         at::OptionalIntArrayRef points, c10::string_view sampling, double offset_scale) {
   return translating_errors([&] {
     const PreparedFused p = prepare_fused(value, spatial_shapes, level_start_index, reference_points,
-                                          sampling_offsets, attention_logits);
+                                          sampling_offsets, attention_logits, points, sampling, offset_scale);
     const Problem& pr = p.problem;
     at::Tensor output = at::empty({pr.batch, pr.queries, pr.heads * pr.channels}, p.value.options());
     const Runner run(value, pr, Pass::forward_fused);
@@ -226,10 +245,11 @@ at::Tensor fused_forward(const at::Tensor& value, const at::Tensor& spatial_shap
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward(
     const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index, const at::Tensor& reference_points, const at::Tensor& sampling_offsets,
-    const at::Tensor& attention_logits, std::array<bool, 4> output_mask) {
+    const at::Tensor& attention_logits, std::array<bool, 4> output_mask, at::OptionalIntArrayRef points,
+    c10::string_view sampling, double offset_scale) {
   return translating_errors([&] {
     const PreparedFused p = prepare_fused(value, spatial_shapes, level_start_index, reference_points,
-                                          sampling_offsets, attention_logits);
+                                          sampling_offsets, attention_logits, points, sampling, offset_scale);
     const at::Tensor g = checked_grad_output(grad_output, value, p.problem);
     at::Tensor grad_value = gradient_for(p.value, output_mask[0]);
     at::Tensor grad_reference = gradient_for(p.reference, output_mask[1]);
