@@ -16,13 +16,15 @@ What it changes (transformers >= 4.50.0, the first release in which the kernel i
   code object, so it computes exactly what transformers' does) with a copy of its module's globals
   in which that one name is msda's kernel. Nothing global changes: the transformers module, its
   class and every other instance keep transformers' function.
+- RT-DETRv2, D-FINE and DEIMv2 (and any transformers model that uses it) call the v2 attention,
+  `multi_scale_deformable_attention_v2`: points per level and "default" (bilinear) or "discrete"
+  sampling, which msda computes natively (msda.ms_deform_attn's points= and sampling=). RT-DETRv2's
+  decoder attention calls the module-level function: it gets a rebound forward as above. D-FINE's
+  and DEIMv2's keep the function in an instance attribute (`ms_deformable_attn_core`), which is
+  set to msda's version on that instance.
 
-What it refuses (ValueError, before changing anything):
-
-- RT-DETRv2, D-FINE and DEIMv2 call `multi_scale_deformable_attention_v2`: a different operator
-  (a point count per level, the locations laid out as [N, Q, M, sum of points, 2], and a
-  "discrete" sampling method that rounds to the nearest pixel instead of interpolating).
-- a model with nothing msda knows (and nothing it already patched).
+What it refuses (ValueError, before changing anything): a model with nothing msda knows (and
+nothing it already patched).
 
 Calling patch twice replaces nothing more: the second call returns 0.
 """
@@ -41,8 +43,9 @@ _V2_FUNCTION = "multi_scale_deformable_attention_v2"
 
 KNOWN = (
     f"transformers' `{_KERNEL_CLASS}` kernel module (Deformable DETR, RT-DETR, Grounding DINO, "
-    "MM Grounding DINO, OmDet-Turbo, LW-DETR, RF-DETR, PP-DocLayout v2/v3/v4) and the pixel-decoder "
-    f"attention of Mask2Former and OneFormer (which call `{_FUNCTION}`)"
+    "MM Grounding DINO, OmDet-Turbo, LW-DETR, RF-DETR, PP-DocLayout v2/v3/v4), the pixel-decoder "
+    f"attention of Mask2Former and OneFormer (which call `{_FUNCTION}`) and the v2 attention of "
+    f"RT-DETRv2, D-FINE and DEIMv2 (`{_V2_FUNCTION}`)"
 )
 
 
@@ -82,16 +85,32 @@ def _msda_function(value, value_spatial_shapes, sampling_locations, attention_we
     return ms_deform_attn(value, shapes, _start_index(shapes), sampling_locations, attention_weights)
 
 
-# One rebound forward per class forward, shared by all instances of that class.
-_REBOUND: Dict[types.FunctionType, types.FunctionType] = {}
+def _msda_v2_function(value, value_spatial_shapes, sampling_locations, attention_weights, num_points_list,
+                      method="default"):
+    """transformers' multi_scale_deformable_attention_v2 (RT-DETRv2, D-FINE, DEIMv2) on msda's kernel:
+    locations [N, Q, M, K, 2] and weights [N, Q, M, K] with K = sum(num_points_list); method
+    "default" (bilinear) or "discrete"."""
+    if method not in ("default", "discrete"):
+        raise ValueError(f'msda.patch: method: expected "default" or "discrete", got {method!r}')
+    shapes = _shapes_tensor(value_spatial_shapes, value.device)
+    return ms_deform_attn(value, shapes, _start_index(shapes), sampling_locations, attention_weights,
+                          points=[int(p) for p in num_points_list],
+                          sampling="discrete" if method == "discrete" else "bilinear")
 
 
-def _rebound_forward(func: types.FunctionType) -> types.FunctionType:
-    new = _REBOUND.get(func)
+_msda_v2_function._msda_patched = True
+
+# One rebound forward per (class forward, replaced name), shared by all instances of that class.
+_REBOUND: Dict[Tuple[types.FunctionType, str], types.FunctionType] = {}
+_REPLACEMENTS = {_FUNCTION: _msda_function, _V2_FUNCTION: _msda_v2_function}
+
+
+def _rebound_forward(func: types.FunctionType, name: str) -> types.FunctionType:
+    new = _REBOUND.get((func, name))
     if new is None:
         # A copy of the globals, not a change to them: only functions created here see msda's kernel.
         scope = dict(func.__globals__)
-        scope[_FUNCTION] = _msda_function
+        scope[name] = _REPLACEMENTS[name]
         new = types.FunctionType(func.__code__, scope, func.__name__, func.__defaults__, func.__closure__)
         new.__kwdefaults__ = dict(func.__kwdefaults__) if func.__kwdefaults__ else None
         new.__qualname__ = func.__qualname__
@@ -99,7 +118,7 @@ def _rebound_forward(func: types.FunctionType) -> types.FunctionType:
         new.__module__ = func.__module__
         new.__dict__.update(func.__dict__)
         new._msda_patched = True
-        _REBOUND[func] = new
+        _REBOUND[(func, name)] = new
     return new
 
 
@@ -137,13 +156,17 @@ def _calls_function(module: nn.Module, name: str) -> bool:
     return isinstance(target, types.FunctionType) and _from_transformers(target)
 
 
-def _uses_v2(module: nn.Module) -> bool:
-    if _calls_function(module, _V2_FUNCTION):
-        return True
-    # D-FINE and DEIMv2 keep the function as an instance attribute and call it through self.
-    return _from_transformers(type(module)) and any(
-        isinstance(v, types.FunctionType) and v.__name__ == _V2_FUNCTION and _from_transformers(v)
-        for v in module.__dict__.values())
+def _v2_attributes(module: nn.Module) -> List[str]:
+    """D-FINE and DEIMv2 keep the v2 function as an instance attribute and call it through self:
+    the names of those attributes that hold transformers' function."""
+    if not _from_transformers(type(module)):
+        return []
+    return [k for k, v in module.__dict__.items()
+            if isinstance(v, types.FunctionType) and v.__name__ == _V2_FUNCTION and _from_transformers(v)]
+
+
+def _has_patched_v2_attribute(module: nn.Module) -> bool:
+    return any(v is _msda_v2_function for v in module.__dict__.values())
 
 
 def _installed_transformers():
@@ -168,10 +191,10 @@ def patch(model: nn.Module) -> int:
     nn.Module that contains such models' attention modules) on msda's kernel, in place.
 
     Returns the number of attention kernels it replaced (0 when called again on a patched model).
-    Raises ValueError naming the model's class when the model uses a variant msda does not compute
-    (RT-DETRv2, D-FINE, DEIMv2) or contains nothing msda knows; ImportError when the installed
-    transformers is older than MIN_TRANSFORMERS_VERSION. Parameters, buffers and the state dict
-    are unchanged; so are training/eval mode and every module other than the kernels.
+    Raises ValueError naming the model's class when the model contains nothing msda knows;
+    ImportError when the installed transformers is older than MIN_TRANSFORMERS_VERSION. Parameters,
+    buffers and the state dict are unchanged; so are training/eval mode and every module other than
+    the kernels.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"msda.patch: model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -182,19 +205,10 @@ def patch(model: nn.Module) -> int:
         raise ValueError(f"msda.patch: model: got transformers' {_KERNEL_CLASS} itself; msda replaces it inside "
                          "its parent module, so pass the model (or module) that contains it")
 
-    paths = {id(m): (path or "<model>") for path, m in model.named_modules()}
-    v2 = [f"{paths[id(m)]} ({type(m).__name__})" for m in model.modules() if _uses_v2(m)]
-    if v2:
-        raise ValueError(
-            f"msda.patch: {name} uses `{_V2_FUNCTION}` (in {', '.join(v2[:3])}{', ...' if len(v2) > 3 else ''}), "
-            "the deformable attention of RT-DETRv2 / D-FINE / DEIMv2: a point count per level, locations laid out "
-            "as [N, Q, M, sum of points, 2] and a 'discrete' sampling method that reads the nearest pixel. "
-            "That is not the operator msda computes (SPEC: the same points on every level, bilinear), so msda "
-            "leaves this model unchanged")
-
     # The plan first, the changes after it, so that a refusal leaves the model as it was.
     kernels: List[Tuple[nn.Module, str, nn.Module]] = []   # (parent, attribute, kernel)
-    function_users: List[nn.Module] = []
+    function_users: List[Tuple[nn.Module, str]] = []      # (module, the function name its forward calls)
+    v2_attribute_users: List[Tuple[nn.Module, List[str]]] = []
     already = 0
     for parent in model.modules():
         for child_name, child in parent._modules.items():
@@ -202,12 +216,19 @@ def patch(model: nn.Module) -> int:
                 kernels.append((parent, child_name, child))
             elif isinstance(child, MSDAMultiScaleDeformableAttention):
                 already += 1
-        if _is_patched_function_user(parent):
+        if _is_patched_function_user(parent) or _has_patched_v2_attribute(parent):
             already += 1
-        elif _calls_function(parent, _FUNCTION):
-            function_users.append(parent)
+            continue
+        for function in (_FUNCTION, _V2_FUNCTION):
+            if _calls_function(parent, function):
+                function_users.append((parent, function))
+                break
+        else:
+            attributes = _v2_attributes(parent)
+            if attributes:
+                v2_attribute_users.append((parent, attributes))
 
-    if not kernels and not function_users and not already:
+    if not kernels and not function_users and not v2_attribute_users and not already:
         missing = "" if transformers is not None else " (transformers is not installed)"
         raise ValueError(f"msda.patch: found no multi-scale deformable attention that msda knows in {name}{missing}; "
                          f"msda knows {KNOWN}")
@@ -220,6 +241,10 @@ def patch(model: nn.Module) -> int:
             new = replacements[id(kernel)] = MSDAMultiScaleDeformableAttention()
             new.train(kernel.training)
         setattr(parent, child_name, new)
-    for module in function_users:
-        setattr(module, _forward_attribute(module), types.MethodType(_rebound_forward(type(module).forward), module))
-    return len(replacements) + len(function_users)
+    for module, function in function_users:
+        setattr(module, _forward_attribute(module),
+                types.MethodType(_rebound_forward(type(module).forward, function), module))
+    for module, attributes in v2_attribute_users:
+        for attribute in attributes:
+            setattr(module, attribute, _msda_v2_function)
+    return len(replacements) + len(function_users) + len(v2_attribute_users)
