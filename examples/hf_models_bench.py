@@ -17,6 +17,10 @@ at image sizes whose feature pyramid is the published one:
   300 queries, FFN 1024; an 800x1066 image: levels 100x134, 50x67, 25x34, 13x17 (S = 17821).
 - RT-DETR (R50 sizes): d_model 256, 8 heads, 3 levels, 4 points, 1 AIFI encoder layer, 6 decoder
   layers, 300 queries, FFN 1024 (MSDA is in the decoder only); 640x640: levels 80x80, 40x40, 20x20.
+- RT-DETRv2: the same sizes, the v2 attention (transformers' multi_scale_deformable_attention_v2),
+  bilinear ("default") and "discrete" sampling.
+- D-FINE: the same sizes with points [3, 6, 3] per level (D-FINE-L's decoder; the published
+  model's HGNetv2 backbone is replaced by the small ResNet as for the others).
 - Mask2Former: pixel decoder of 6 MSDA encoder layers (d 256, 8 heads, 3 levels, 4 points,
   FFN 1024), 9 masked-attention decoder layers, 100 queries; 1024x1024: levels 128x128, 64x64,
   32x32 (S = 21504), mask features 256x256.
@@ -87,6 +91,37 @@ def rt_detr(transformers, quick, batch):
     return model, dict(pixel_values=_image(batch, size, size)), summary
 
 
+def rt_detr_v2(transformers, quick, batch, method="default"):
+    d, heads, dec, queries, ffn, size = (32, 2, 2, 10, 32, 64) if quick else (256, 8, 6, 300, 1024, 640)
+    backbone = _resnet(transformers, quick, ["stage2", "stage3", "stage4"], transformers.RTDetrResNetConfig)
+    config = transformers.RTDetrV2Config(
+        backbone_config=backbone, encoder_in_channels=backbone.hidden_sizes[1:], d_model=d, encoder_hidden_dim=d,
+        decoder_in_channels=[d] * 3, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn, encoder_attention_heads=heads,
+        decoder_attention_heads=heads, decoder_layers=dec, num_queries=queries, num_feature_levels=3,
+        decoder_n_points=4, num_denoising=0, num_labels=80, decoder_method=method)
+    model = transformers.RTDetrV2ForObjectDetection(config)
+    summary = (f"d {d}, {heads} heads, 3 levels, 4 points, {method} sampling, 1+{dec} layers, {queries} queries, "
+               f"{size}x{size}")
+    return model, dict(pixel_values=_image(batch, size, size)), summary
+
+
+def rt_detr_v2_discrete(transformers, quick, batch):
+    return rt_detr_v2(transformers, quick, batch, method="discrete")
+
+
+def d_fine(transformers, quick, batch):
+    d, heads, dec, queries, ffn, size = (32, 2, 2, 10, 32, 64) if quick else (256, 8, 6, 300, 1024, 640)
+    backbone = _resnet(transformers, quick, ["stage2", "stage3", "stage4"], transformers.RTDetrResNetConfig)
+    config = transformers.DFineConfig(
+        backbone_config=backbone, encoder_in_channels=backbone.hidden_sizes[1:], d_model=d, encoder_hidden_dim=d,
+        decoder_in_channels=[d] * 3, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn, encoder_attention_heads=heads,
+        decoder_attention_heads=heads, decoder_layers=dec, num_queries=queries, num_feature_levels=3,
+        decoder_n_points=[3, 6, 3], num_denoising=0, num_labels=80)
+    model = transformers.DFineForObjectDetection(config)
+    summary = f"d {d}, {heads} heads, 3 levels, points [3, 6, 3], 1+{dec} layers, {queries} queries, {size}x{size}"
+    return model, dict(pixel_values=_image(batch, size, size)), summary
+
+
 def mask2former(transformers, quick, batch):
     d, heads, enc, dec, queries, ffn, size = ((32, 2, 2, 2, 10, 32, 64) if quick
                                                else (256, 8, 6, 10, 100, 1024, 1024))
@@ -121,6 +156,9 @@ def grounding_dino(transformers, quick, batch):
 MODELS = {
     "deformable-detr": ("Deformable DETR", deformable_detr),
     "rt-detr": ("RT-DETR", rt_detr),
+    "rt-detr-v2": ("RT-DETRv2", rt_detr_v2),
+    "rt-detr-v2-discrete": ("RT-DETRv2 (discrete)", rt_detr_v2_discrete),
+    "d-fine": ("D-FINE", d_fine),
     "mask2former": ("Mask2Former", mask2former),
     "grounding-dino": ("Grounding DINO", grounding_dino),
 }

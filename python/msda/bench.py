@@ -41,12 +41,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 QUICK_WORKLOADS = ("rtdetr-dec", "ddetr-dec")
 
 
-def _msda(value, shapes, starts, loc, weights):
-    return ms_deform_attn(value, shapes, starts, loc, weights)
+def _v2_options(w):
+    """The keywords of the v2 attention for workload w (none for the plain op's workloads)."""
+    return {"points": w.level_points, "sampling": w.sampling} if w.v2 else {}
 
 
-def _grid_sample(value, shapes, starts, loc, weights):
-    return ms_deform_attn_pytorch(value, shapes, loc, weights)
+def _msda(w, value, shapes, starts, loc, weights):
+    return ms_deform_attn(value, shapes, starts, loc, weights, **_v2_options(w))
+
+
+def _grid_sample(w, value, shapes, starts, loc, weights):
+    return ms_deform_attn_pytorch(value, shapes, loc, weights, **_v2_options(w))
 
 
 PATHS = {"msda": _msda, "grid-sample": _grid_sample}
@@ -54,18 +59,26 @@ BASELINES = ("grid-sample", "transformers")
 
 
 class _TransformersKernel:
-    """transformers' MultiScaleDeformableAttention module, called as its models call it."""
+    """transformers' MultiScaleDeformableAttention module, called as its models call it, or for the
+    v2 workloads its multi_scale_deformable_attention_v2 (RT-DETRv2, D-FINE, DEIM), where that
+    exists."""
 
-    def __init__(self, module):
-        self.module = module
+    def __init__(self, module, v2_function=None):
+        self.module, self.v2_function = module, v2_function
         self.shapes, self.shapes_list = None, None
 
-    def __call__(self, value, shapes, starts, loc, weights):
+    def supports(self, w):
+        return not w.v2 or self.v2_function is not None
+
+    def __call__(self, w, value, shapes, starts, loc, weights):
         # transformers' models build this list once per forward, outside the kernel.
         if shapes is not self.shapes:
             self.shapes, self.shapes_list = shapes, [tuple(hw) for hw in shapes.tolist()]
         if value.dtype in (torch.bfloat16, torch.float16):
             loc, weights = loc.to(value.dtype), weights.to(value.dtype)
+        if w.v2:
+            method = "discrete" if w.sampling == "discrete" else "default"
+            return self.v2_function(value, self.shapes_list, loc, weights, w.level_points, method)
         return self.module(value, shapes, self.shapes_list, starts, loc, weights, 64)
 
 
@@ -76,7 +89,11 @@ def available_paths():
         from transformers.models.deformable_detr.modeling_deformable_detr import MultiScaleDeformableAttention
     except Exception:  # noqa: BLE001 (not installed, too old to have the module, or broken)
         return paths
-    paths["transformers"] = _TransformersKernel(MultiScaleDeformableAttention())
+    try:
+        from transformers.models.rt_detr_v2.modeling_rt_detr_v2 import multi_scale_deformable_attention_v2
+    except Exception:  # noqa: BLE001 (a release before RT-DETRv2)
+        multi_scale_deformable_attention_v2 = None
+    paths["transformers"] = _TransformersKernel(MultiScaleDeformableAttention(), multi_scale_deformable_attention_v2)
     return paths
 
 
@@ -155,12 +172,18 @@ def _median_seconds(fn, repeats, budget_s):
 
 
 def _relative_error(got, want):
+    if got is None or want is None:  # a gradient that does not exist (discrete sampling's locations)
+        return 0.0 if got is None and want is None else math.inf
     got, want = got.double(), want.double()
     if not torch.isfinite(got).all():
         return math.inf
     norm = want.norm().item()
     diff = (got - want).norm().item()
     return diff / norm if norm > 0 else (0.0 if diff == 0 else math.inf)
+
+
+def _supports(path, w):
+    return getattr(path, "supports", lambda _: True)(w)
 
 
 def _tensor_bytes(*tensors):
@@ -171,6 +194,7 @@ def run_workload(w, args, dtype, progress, paths=PATHS):
     """Measures one workload; returns a list of result rows (one per pass and path)."""
     value, shapes, starts, loc, weights = generate(w, args.locations, dtype, seed=args.seed)
     kind = args.locations or w.locations
+    paths = {name: path for name, path in paths.items() if _supports(path, w)}
     torch.manual_seed(args.seed)
     grad = torch.randn(w.batch, w.num_queries, w.heads * w.channels).to(dtype)
 
@@ -178,7 +202,7 @@ def run_workload(w, args, dtype, progress, paths=PATHS):
     # float64 on the same (already rounded) inputs, which computes the same exact coordinates.
     def run(path, *inputs, g=grad):
         v, l, a = (t.detach().clone().requires_grad_() for t in inputs)
-        out = path(v, shapes, starts, l, a)
+        out = path(w, v, shapes, starts, l, a)
         out.backward(g)
         return out.detach(), v.grad, l.grad, a.grad
 
@@ -197,14 +221,14 @@ def run_workload(w, args, dtype, progress, paths=PATHS):
             if pass_name == "forward":
                 def fn(path=path):
                     with torch.no_grad():
-                        path(value, shapes, starts, loc, weights)
+                        path(w, value, shapes, starts, loc, weights)
                 moved = fwd_bytes
             else:
                 v, l, a = (t.detach().clone().requires_grad_() for t in (value, loc, weights))
 
                 def fn(path=path, v=v, l=l, a=a):
                     v.grad = l.grad = a.grad = None
-                    path(v, shapes, starts, l, a).backward(grad)
+                    path(w, v, shapes, starts, l, a).backward(grad)
                 moved = bwd_bytes
             seconds, count = _median_seconds(fn, args.repeats, args.budget)
             memory = None if args.no_memory else _peak_extra_bytes(fn)
@@ -386,7 +410,7 @@ def main(argv=None):
     print(f"msda.bench: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, "
           f"{args.threads} threads, value {args.dtype}, median of up to {args.repeats}; baselines: "
           + ", ".join(p if p != "transformers" else f"transformers {machine['transformers']}" for p in paths if p != "msda"))
-    progress = Progress(len(workloads) * (1 + 2 * len(paths)))
+    progress = Progress(sum(1 + 2 * sum(_supports(p, w) for p in paths.values()) for w in workloads))
     rows = []
     for w in workloads:
         rows += run_workload(w, args, dtype, progress, paths)

@@ -19,6 +19,18 @@ class Workload:
     channels: int = 32              # D
     locations: str = "decoder"      # how sampling locations are drawn
     extra: dict = field(default_factory=dict)
+    # The v2 attention (SPEC "Points per level and discrete sampling"): points per level (None:
+    # `points` on every level, the plain op's [N, Q, M, L, P, ...] layout) and the sampling.
+    point_list: Optional[List[int]] = None
+    sampling: str = "bilinear"
+
+    @property
+    def v2(self) -> bool:
+        return self.point_list is not None or self.sampling != "bilinear"
+
+    @property
+    def level_points(self) -> List[int]:
+        return list(self.point_list) if self.point_list is not None else [self.points] * len(self.levels)
 
     @property
     def value_len(self) -> int:
@@ -30,7 +42,9 @@ class Workload:
 
     def describe(self) -> str:
         levels = " ".join(f"{h}x{w}" for h, w in self.levels)
-        return (f"N={self.batch} Q={self.num_queries} M={self.heads} D={self.channels} P={self.points} "
+        points = self.points if self.point_list is None else "[" + ",".join(map(str, self.point_list)) + "]"
+        sampling = "" if self.sampling == "bilinear" else f" {self.sampling}"
+        return (f"N={self.batch} Q={self.num_queries} M={self.heads} D={self.channels} P={points}{sampling} "
                 f"levels {levels}")
 
 
@@ -45,6 +59,12 @@ NAMED = [
     Workload("bev-tsa", "BEVFormer temporal self-attention", 2, [(200, 200)], None, locations="encoder"),
     Workload("bev-sca", "BEVFormer spatial cross-attention, 6 cameras", 6,
              [(116, 200), (58, 100), (29, 50), (15, 25)], 2500, points=8),
+    Workload("dfine-dec", "D-FINE / DEIM decoder, 640x640 (points per level)", 1, [(80, 80), (40, 40), (20, 20)],
+             300, point_list=[3, 6, 3]),
+    Workload("rtdetrv2-dec", "RT-DETRv2 decoder, 640x640 (v2 layout)", 1, [(80, 80), (40, 40), (20, 20)], 300,
+             point_list=[4, 4, 4]),
+    Workload("rtdetrv2-dec-discrete", "RT-DETRv2 decoder, 640x640, discrete sampling", 1,
+             [(80, 80), (40, 40), (20, 20)], 300, point_list=[4, 4, 4], sampling="discrete"),
 ]
 
 
@@ -91,6 +111,8 @@ def generate(w: Workload, locations: Optional[str] = None, dtype=torch.float32, 
     if kind not in LOCATION_KINDS:
         raise ValueError(f"locations: expected one of {LOCATION_KINDS}, got {kind!r}")
     g = torch.Generator().manual_seed(seed)
+    if w.point_list is not None:
+        return _generate_v2(w, kind, dtype, g)
     n, q, m, d, p, L = w.batch, w.num_queries, w.heads, w.channels, w.points, len(w.levels)
     coord_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     shapes, starts = spatial_tensors(w.levels)
@@ -114,4 +136,26 @@ def generate(w: Workload, locations: Optional[str] = None, dtype=torch.float32, 
         loc = ref[:, :, None, None, None, :] + offsets
     logits = torch.randn(n, q, m, L * p, generator=g, dtype=torch.float64)
     weights = logits.softmax(-1).view(n, q, m, L, p)
+    return value, shapes, starts, loc.to(coord_dtype), weights.to(coord_dtype)
+
+
+def _generate_v2(w: Workload, kind: str, dtype, g):
+    """generate() for a workload with points per level: the same draws level by level, laid out
+    [N, Q, M, K, 2] and [N, Q, M, K] (K = the sum of the points), one softmax over K."""
+    n, q, m, d, K = w.batch, w.num_queries, w.heads, w.channels, sum(w.level_points)
+    coord_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    shapes, starts = spatial_tensors(w.levels)
+    value = torch.randn(n, w.value_len, m, d, generator=g).to(dtype)
+    if kind == "random":
+        loc = torch.rand(n, q, m, K, 2, generator=g, dtype=torch.float64)
+    else:
+        if kind == "encoder":
+            raise ValueError("locations: the v2 workloads are decoders (decoder or random locations)")
+        ref = torch.rand(n, q, 2, generator=g, dtype=torch.float64)
+        per_level = []
+        for (h, wd), p in zip(w.levels, w.level_points):
+            offsets = (torch.rand(n, q, m, p, 2, generator=g, dtype=torch.float64) * 8 - 4)
+            per_level.append(ref[:, :, None, None, :] + offsets / torch.tensor([wd, h], dtype=torch.float64))
+        loc = torch.cat(per_level, dim=3)
+    weights = torch.randn(n, q, m, K, generator=g, dtype=torch.float64).softmax(-1)
     return value, shapes, starts, loc.to(coord_dtype), weights.to(coord_dtype)
