@@ -148,15 +148,82 @@ TEST(CudaPlan, WorkspaceHoldsWhatEachPassNeedsAndNothingElse) {
   EXPECT_EQ(fused.samples.bytes, std::size_t(samples) * sizeof(msda::cuda::Place<double>));
   EXPECT_EQ(fused.weight_gradients.bytes, std::size_t(samples) * 8);
   EXPECT_EQ(fused.reference_partials.bytes, std::size_t(2 * 7 * 3 * 2 * 4) * 8);
+
+  // Points per level: every per-sample region has K = 3 + 6 + 3 samples per head.
+  msda::Problem v2 = make_problem(with_v2({2, 3, 5, 7, 1, {{6, 5}, {3, 3}, {2, 2}}}, {3, 6, 3}), {});
+  msda::Params pv = params_of(v2);
+  pv.fused = true;
+  pv.grad_value = pv.grad_logits = &wanted;
+  const Workspace per_level = msda::cuda::plan_workspace(pv, true, 64);
+  expect_well_formed(per_level);
+  const std::size_t v2_samples = 2 * 7 * 3 * 12;
+  EXPECT_EQ(per_level.samples.bytes, v2_samples * sizeof(msda::cuda::Place<float>));
+  EXPECT_EQ(per_level.keys[0].bytes, v2_samples * 4);
+  EXPECT_EQ(per_level.weight_gradients.bytes, v2_samples * 4);
 }
 
 TEST(CudaPlan, SegmentStartsAndLevelLookups) {
   const std::vector<std::uint32_t> keys = {0, 0, 2, 2, 2, 5, 7, 7};  // 7 = sentinel of 7 buckets
   const std::int64_t expected[] = {0, 2, 2, 5, 5, 5, 6, 6};
   for (std::int64_t k = 0; k <= 7; ++k) EXPECT_EQ(msda::cuda::segment_start(keys.data(), 8, k), expected[k]) << k;
-  const LevelGeometry levels[] = {{2, 3, 0, 0}, {1, 1, 6, 12}, {2, 2, 7, 16}};
+  const LevelGeometry levels[] = {{2, 3, 0, 0, 1, 0}, {1, 1, 6, 12, 4, 1}, {2, 2, 7, 16, 2, 5}};
   const std::int64_t level_of[] = {0, 0, 0, 0, 0, 0, 1, 2, 2, 2, 2};
   for (std::int64_t row = 0; row < 11; ++row) EXPECT_EQ(msda::cuda::level_of_row(levels, 3, row), level_of[row]);
+}
+
+// Points per level [1, 4, 2, 3]: a head's K = 10 samples are level 0's one, level 1's four, and
+// so on; the level table carries each level's count and where its samples start in a head.
+TEST(CudaPlan, SampleSitesFollowThePointsPerLevel) {
+  const msda::Problem pr = make_problem(with_v2({2, 3, 4, 5, 1, {{3, 4}, {2, 2}, {1, 3}, {2, 1}}}, {1, 4, 2, 3}), {});
+  const msda::Params p = params_of(pr);
+  ASSERT_EQ(p.K, 10);
+  const std::vector<LevelGeometry> levels = msda::cuda::level_geometry(p);
+  const std::int64_t points[] = {1, 4, 2, 3}, starts[] = {0, 1, 5, 7};
+  for (std::size_t l = 0; l < 4; ++l) {
+    EXPECT_EQ(levels[l].points, points[l]);
+    EXPECT_EQ(levels[l].point_start, starts[l]);
+  }
+  const std::int64_t level_of[] = {0, 1, 1, 1, 1, 2, 2, 3, 3, 3};
+  const std::int64_t samples = 2 * 5 * 3 * 10;
+  EXPECT_EQ(msda::cuda::plan_buckets(p).samples, samples);
+  for (std::int64_t i = 0; i < samples; ++i) {
+    const msda::cuda::SampleSite site = msda::cuda::site_of(i, levels.data(), p.L, p.K);
+    EXPECT_EQ(site.head, i / 10) << i;
+    EXPECT_EQ(site.level, level_of[i % 10]) << i;
+  }
+  // Equal points: the [L, P] layout's (head*L + l)*P + p.
+  const msda::Params equal = params_of(make_problem({1, 2, 1, 3, 3, {{2, 2}, {1, 1}}}, {}));
+  const std::vector<LevelGeometry> equal_levels = msda::cuda::level_geometry(equal);
+  for (std::int64_t i = 0; i < 2 * 3 * 2 * 3; ++i) {
+    const msda::cuda::SampleSite site = msda::cuda::site_of(i, equal_levels.data(), equal.L, equal.K);
+    EXPECT_EQ(site.head, i / 3 / 2);
+    EXPECT_EQ(site.level, i / 3 % 2);
+  }
+}
+
+// SPEC's discrete pixel: clamp(trunc(t), 0, size - 1) of t = x*size + 0.5, clamped as a double.
+TEST(CudaPlan, DiscretePixelIndices) {
+  const double inf = std::numeric_limits<double>::infinity();
+  const std::pair<double, std::int64_t> cases[] = {
+      {0.5, 0},  {0.0, 0},  {0.999, 0}, {1.0, 1}, {1.5, 1},      {2.0, 2},  {3.0, 3}, {3.999, 3},
+      {4.0, 3},  {4.5, 3},  {-0.0, 0},  {-0.5, 0}, {-0.999, 0}, {-1.0, 0}, {-7.5, 0}, {inf, 3},
+      {-inf, 0}, {1e300, 3}, {-1e300, 0}, {0x1p63, 3}, {-0x1p63, 0}, {std::nextafter(2.0, 0.0), 1}};
+  for (const auto& [t, pixel] : cases) EXPECT_EQ(msda::cuda::discrete_index(t, 4), pixel) << t;
+  EXPECT_EQ(msda::cuda::discrete_index(0.7, 1), 0);
+  EXPECT_EQ(msda::cuda::discrete_index(inf, 1), 0);
+
+  // A sample: the pixel is its top-left corner with weight 1; NaN (only) reads nothing.
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const auto c = msda::cuda::pixel_at<float>(2.5, inf, 5, 3);  // column 2.5 -> 2, row inf -> 4
+  EXPECT_TRUE(c.inside);
+  EXPECT_EQ(c.h0, 4);
+  EXPECT_EQ(c.w0, 2);
+  EXPECT_EQ(c.hh * c.hw, 1.0f);
+  EXPECT_EQ(c.lh, 0.0f);
+  EXPECT_EQ(c.lw, 0.0f);
+  EXPECT_FALSE((msda::cuda::pixel_at<float>(nan, 0.5, 5, 3).inside));
+  EXPECT_FALSE((msda::cuda::pixel_at<float>(0.5, nan, 5, 3).inside));
+  EXPECT_TRUE((msda::cuda::pixel_at<float>(-inf, -inf, 5, 3).inside));
 }
 
 // The deterministic grad_value on the host: keys, a stable sort, segment starts and the per-row
@@ -167,13 +234,20 @@ std::vector<double> bucketed_grad_value(const msda::Problem& problem, const Tens
   const BucketPlan plan = msda::cuda::plan_buckets(p);
   std::vector<double> u(plan.samples), v(plan.samples), a(plan.samples);
   std::vector<std::int64_t> keys(plan.samples);
+  // The sample's corners as the kernels place it: u, v are x*W - 0.5 and y*H - 0.5, or for
+  // discrete sampling x*W + 0.5 and y*H + 0.5.
+  const double shift = p.discrete ? 0.5 : -0.5;
+  auto corners = [&](std::int64_t i, const LevelGeometry& g) {
+    return p.discrete ? msda::cuda::pixel_at<double>(u[i], v[i], g.height, g.width)
+                      : msda::cuda::corners_at<double>(u[i], v[i], g.height, g.width);
+  };
   for (std::int64_t i = 0; i < plan.samples; ++i) {
-    const msda::cuda::SampleSite site = msda::cuda::site_of(i, p.L, p.P);
+    const msda::cuda::SampleSite site = msda::cuda::site_of(i, levels.data(), p.L, p.K);
     const LevelGeometry& g = levels[site.level];
-    u[i] = t.locations.get(2 * i) * double(g.width) - 0.5;
-    v[i] = t.locations.get(2 * i + 1) * double(g.height) - 0.5;
+    u[i] = t.locations.get(2 * i) * double(g.width) + shift;
+    v[i] = t.locations.get(2 * i + 1) * double(g.height) + shift;
     a[i] = t.weights.get(i);
-    const auto c = msda::cuda::corners_at<double>(u[i], v[i], g.height, g.width);
+    const auto c = corners(i, g);
     keys[i] = msda::cuda::sample_bucket(c, g, site.head / p.M / p.Q, site.head % p.M, p.M, plan.cells_per_head,
                                         plan.buckets);
   }
@@ -191,17 +265,17 @@ std::vector<double> bucketed_grad_value(const msda::Problem& problem, const Tens
     const std::int64_t m = item % p.M, row = item / p.M % p.S, n = item / p.M / p.S;
     const LevelGeometry& g = levels[msda::cuda::level_of_row(levels.data(), p.L, row)];
     const std::int64_t h = (row - g.start) / g.width, w = (row - g.start) % g.width;
-    for (int corner = 0; corner < 4; ++corner) {
+    for (int corner = 0; corner < (p.discrete ? 1 : 4); ++corner) {  // discrete: the pixel alone
       const int dh = corner >> 1, dw = corner & 1;
       const std::int64_t bucket = msda::cuda::pixel_bucket(g, n, m, p.M, plan.cells_per_head, h, w, dh, dw);
       for (std::int64_t i = segments[bucket]; i < segments[bucket + 1]; ++i) {
         const std::int64_t id = order[i];
-        const auto c = msda::cuda::corners_at<double>(u[id], v[id], g.height, g.width);
+        const auto c = corners(id, g);
         EXPECT_TRUE(c.inside);
         EXPECT_EQ(c.h0 + dh, h);
         EXPECT_EQ(c.w0 + dw, w);
         const double weight = a[id] * msda::cuda::corner_weight(c, dh, dw);
-        const std::int64_t head = msda::cuda::site_of(id, p.L, p.P).head;
+        const std::int64_t head = msda::cuda::site_of(id, levels.data(), p.L, p.K).head;
         for (std::int64_t d = 0; d < p.D; ++d) grad[item * p.D + d] += weight * t.grad_output.get(head * p.D + d);
       }
     }
@@ -220,6 +294,15 @@ TEST(CudaBucketing, GatheredGradValueEqualsTheReference) {
       {{1, 1, 2, 9, 2, {{8, 8}, {4, 4}}}, Locations::edges},  // the range rule's borders
       {{3, 2, 1, 5, 1, {{1, 1}, {2, 1}}}, Locations::wide},   // tiny maps, samples fully outside
       {{1, 2, 4, 30, 5, {{16, 8}}}, Locations::centres},      // integer corners
+      {with_v2({2, 3, 5, 11, 1, {{7, 9}, {4, 5}, {1, 1}}}, {3, 6, 3}), Locations::mixed},
+      {with_v2({1, 2, 3, 9, 1, {{8, 8}, {4, 4}, {2, 2}, {1, 2}}}, {1, 4, 2, 3}), Locations::edges},
+      // Discrete: one pixel per sample, on boundaries (centres and edges are whole t = x*W + 0.5
+      // on power-of-two maps), clamped from far outside, and NaN.
+      {with_v2({2, 3, 5, 11, 1, {{8, 4}, {4, 2}, {1, 2}}}, {3, 6, 3}, msda::Sampling::discrete), Locations::mixed},
+      {with_v2({1, 2, 3, 20, 1, {{8, 8}, {2, 4}}}, {2, 3}, msda::Sampling::discrete), Locations::centres},
+      {with_v2({1, 2, 3, 20, 1, {{8, 8}, {2, 4}}}, {4, 1}, msda::Sampling::discrete), Locations::edges},
+      {with_v2({1, 2, 3, 20, 4, {{3, 5}}}, {}, msda::Sampling::discrete), Locations::nonfinite},
+      {with_v2({1, 2, 3, 40, 3, {{3, 3}}}, {}, msda::Sampling::discrete), Locations::cluster},
   };
   std::uint64_t index = 0;
   for (const Setup& s : setups) {

@@ -8,6 +8,11 @@
 // each row of grad_value is then the sum over the four buckets whose samples touch it, in that
 // fixed order: every element written once, by one group, with no atomics at all.
 //
+// Points per level and discrete sampling (SPEC, the v2 attention): a head's K samples are its
+// levels' P_l in turn, so the kernels walk each level's own count from the level table; a
+// discrete sample reads one pixel, which the kernels hold as its top-left corner with weight 1,
+// and every loop over corners stops after that one, so its neighbours are never read or written.
+//
 // This file is the whole backend, device code and host side, and is compiled twice: by nvcc in
 // cuda.cu (the CUDA runtime, CUB's radix sort, triple-chevron launches), and by the host compiler
 // in tests/cuda_emulation/, over an emulated runtime that runs every thread of a warp in lockstep
@@ -109,10 +114,12 @@ __device__ __forceinline__ A group_sum(A x, int lanes) {
 // ---- the problem as kernels see it ----
 
 struct Shape {
-  std::int64_t N, S, M, D, Q, L, P;
-  const LevelGeometry* levels;  // device copy
-  int coords;                   // fused: 2 or 4
+  std::int64_t N, S, M, D, Q, L, K;  // K: samples per head, the sum of the levels' P_l
+  const LevelGeometry* levels;       // device copy, with each level's points and point_start
+  int coords;                        // fused: 2 or 4
   DType location_type, weight_type, reference_type;
+  bool discrete;        // Sampling::discrete: one pixel per sample, no location gradient
+  double offset_scale;  // fused, 4 coordinates: loc = ref[:2] + off / P_l * ref[2:] * offset_scale
 };
 
 // Where a sample's location and weight come from: the caller's sampling_locations and
@@ -134,7 +141,7 @@ struct Sample {
   double ox, oy, rw, rh;  // fused: the offset, and the box size (4 coordinates) it is scaled by
 };
 
-// head = (n*Q + q)*M + m, sample = (head*L + l)*P + p.
+// head = (n*Q + q)*M + m, sample = head*K + g.point_start + p for point p of level l (g).
 template <class A, bool Fused>
 __device__ __forceinline__ Sample<A> fetch(const Shape& s, const SampleInputs<A>& in, std::int64_t sample,
                                            std::int64_t head, std::int64_t l, const LevelGeometry& g) {
@@ -158,8 +165,9 @@ __device__ __forceinline__ Sample<A> fetch(const Shape& s, const SampleInputs<A>
     } else {
       r.rw = load_real<double>(in.reference, s.reference_type, ref + 2);
       r.rh = load_real<double>(in.reference, s.reference_type, ref + 3);
-      r.x = add_rn(rx, mul_rn(mul_rn(div_rn(px, double(s.P)), r.rw), 0.5));
-      r.y = add_rn(ry, mul_rn(mul_rn(div_rn(py, double(s.P)), r.rh), 0.5));
+      // The reference's order: ((off / P_l) * size) * offset_scale, then + ref.
+      r.x = add_rn(rx, mul_rn(mul_rn(div_rn(px, double(g.points)), r.rw), s.offset_scale));
+      r.y = add_rn(ry, mul_rn(mul_rn(div_rn(py, double(g.points)), r.rh), s.offset_scale));
     }
     r.a = exp_of(w - in.softmax[2 * head]) * in.softmax[2 * head + 1];
   }
@@ -168,9 +176,14 @@ __device__ __forceinline__ Sample<A> fetch(const Shape& s, const SampleInputs<A>
 
 // The sample's corners. u = x*W - 0.5 is computed in double, as the CPU backend does: exact for
 // f32, bf16 and f16 coordinates, so the corners (and the one-sided derivative at integer
-// coordinates) are the CPU's, whatever the rounding of the fractions in A after.
+// coordinates) are the CPU's, whatever the rounding of the fractions in A after. Discrete: the
+// pixel of x*W + 0.5 and y*H + 0.5, in double for the same reason (a pixel boundary falls where
+// the reference's does).
 template <class A>
-__device__ __forceinline__ Corners<A> place(const Sample<A>& smp, const LevelGeometry& g) {
+__device__ __forceinline__ Corners<A> place(const Shape& s, const Sample<A>& smp, const LevelGeometry& g) {
+  if (s.discrete)
+    return pixel_at<A>(add_rn(mul_rn(smp.x, double(g.width)), 0.5), add_rn(mul_rn(smp.y, double(g.height)), 0.5),
+                       g.height, g.width);
   const Corners<double> c = corners_at<double>(sub_rn(mul_rn(smp.x, double(g.width)), 0.5),
                                                sub_rn(mul_rn(smp.y, double(g.height)), 0.5), g.height, g.width);
   Corners<A> r;
@@ -191,7 +204,7 @@ __device__ __forceinline__ Corners<A> place(const Sample<A>& smp, const LevelGeo
 template <class A>
 __global__ void softmax_stats_kernel(Shape s, const void* logits, A* stats, std::int64_t heads) {
   const std::int64_t stride = std::int64_t(gridDim.x) * blockDim.x;
-  const std::int64_t count = s.L * s.P;
+  const std::int64_t count = s.K;
   for (std::int64_t head = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; head < heads; head += stride) {
     A top = -INFINITY;
     for (std::int64_t i = 0; i < count; ++i) {
@@ -213,6 +226,7 @@ __global__ void __launch_bounds__(kBlockThreads) forward_kernel(Shape s, SampleI
   const int lane = threadIdx.x & (lanes - 1);
   const std::int64_t stride = std::int64_t(gridDim.x) * blockDim.x / lanes;
   const std::int64_t row_stride = s.M * s.D;  // between rows of value for one head
+  const int span = s.discrete ? 1 : 2;         // a discrete sample is its top-left corner alone
   for (std::int64_t head = (std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / lanes; head < heads;
        head += stride) {
     const std::int64_t m = head % s.M;
@@ -222,14 +236,14 @@ __global__ void __launch_bounds__(kBlockThreads) forward_kernel(Shape s, SampleI
       A acc[kChannelsPerLane] = {};
       for (std::int64_t l = 0; l < s.L; ++l) {
         const LevelGeometry g = s.levels[l];
-        for (std::int64_t p = 0; p < s.P; ++p) {
-          const Sample<A> smp = fetch<A, Fused>(s, in, (head * s.L + l) * s.P + p, head, l, g);
-          const Corners<A> c = place(smp, g);
+        for (std::int64_t p = 0; p < g.points; ++p) {
+          const Sample<A> smp = fetch<A, Fused>(s, in, head * s.K + g.point_start + p, head, l, g);
+          const Corners<A> c = place(s, smp, g);
           if (!c.inside) continue;
-          for (int dh = 0; dh < 2; ++dh) {
+          for (int dh = 0; dh < span; ++dh) {
             const std::int64_t h = c.h0 + dh;
             if (h < 0 || h >= g.height) continue;
-            for (int dw = 0; dw < 2; ++dw) {
+            for (int dw = 0; dw < span; ++dw) {
               const std::int64_t w = c.w0 + dw;
               if (w < 0 || w >= g.width) continue;
               const A weight = smp.a * corner_weight(c, dh, dw);
@@ -290,18 +304,18 @@ __global__ void __launch_bounds__(kBlockThreads)
     for (std::int64_t l = 0; l < s.L; ++l) {
       const LevelGeometry g = s.levels[l];
       A ref_part[4] = {};  // fused, lane 0: this head's share of grad_reference_points[n, q, l, :]
-      for (std::int64_t p = 0; p < s.P; ++p) {
-        const std::int64_t sample = (head * s.L + l) * s.P + p;
+      for (std::int64_t p = 0; p < g.points; ++p) {
+        const std::int64_t sample = head * s.K + g.point_start + p;
         const Sample<A> smp = fetch<A, Fused>(s, in, sample, head, l, g);
-        const Corners<A> c = place(smp, g);
+        const Corners<A> c = place(s, smp, g);
         A ga = 0, du = 0, dv = 0;
         if (c.inside) {
           std::int64_t rows[4];
-          bool in_map[4];
+          bool in_map[4];  // a corner the sample reads: discrete reads its top-left one alone
           A scatter_weight[4];  // atomic variant: a * the corner's bilinear weight
           for (int k = 0; k < 4; ++k) {
             const std::int64_t h = c.h0 + (k >> 1), w = c.w0 + (k & 1);
-            in_map[k] = h >= 0 && h < g.height && w >= 0 && w < g.width;
+            in_map[k] = (k == 0 || !s.discrete) && h >= 0 && h < g.height && w >= 0 && w < g.width;
             rows[k] = in_map[k] ? (g.start + h * g.width + w) * row_stride : 0;
             scatter_weight[k] = smp.a * corner_weight(c, k >> 1, k & 1);
           }
@@ -309,9 +323,13 @@ __global__ void __launch_bounds__(kBlockThreads)
             const A go = load(g_head, d);
             A v[4];
             for (int k = 0; k < 4; ++k) v[k] = in_map[k] ? A(load(value_nm + rows[k], d)) : A(0);
-            ga += go * (c.hh * c.hw * v[0] + c.hh * c.lw * v[1] + c.lh * c.hw * v[2] + c.lh * c.lw * v[3]);
-            du += go * (c.hh * (v[1] - v[0]) + c.lh * (v[3] - v[2]));
-            dv += go * (c.hw * (v[2] - v[0]) + c.lw * (v[3] - v[1]));
+            if (s.discrete) {
+              ga += go * v[0];  // the pixel itself: no 0-weighted neighbours, no location derivative
+            } else {
+              ga += go * (c.hh * c.hw * v[0] + c.hh * c.lw * v[1] + c.lh * c.hw * v[2] + c.lh * c.lw * v[3]);
+              du += go * (c.hh * (v[1] - v[0]) + c.lh * (v[3] - v[2]));
+              dv += go * (c.hw * (v[2] - v[0]) + c.lw * (v[3] - v[1]));
+            }
             if constexpr (Atomic) {
               if (active && out.scatter) {
                 A* base = out.scatter + (n * s.S * s.M + m) * s.D + d;
@@ -325,9 +343,12 @@ __global__ void __launch_bounds__(kBlockThreads)
         du = group_sum(du, lanes);
         dv = group_sum(dv, lanes);
         if (lane != 0 || !active) continue;
-        // A sample zeroed by the range rule moves nothing: no 0 * inf from its weight or box.
-        const A gx = c.inside ? smp.a * A(g.width) * du : A(0);
-        const A gy = c.inside ? smp.a * A(g.height) * dv : A(0);
+        // A sample zeroed by the range rule moves nothing: no 0 * inf from its weight or box. Nor
+        // does a discrete one: its pixel is piecewise constant in the location (SPEC), so its
+        // location, offset and reference point gradients are zeros.
+        const bool moves = c.inside && !s.discrete;
+        const A gx = moves ? smp.a * A(g.width) * du : A(0);
+        const A gy = moves ? smp.a * A(g.height) * dv : A(0);
         if constexpr (!Fused) {
           if (out.locations) {
             store_real(out.locations, s.location_type, 2 * sample, gx);
@@ -338,15 +359,18 @@ __global__ void __launch_bounds__(kBlockThreads)
           if (c.inside) weighted_sum += smp.a * ga;
           if (out.weight_gradients) out.weight_gradients[sample] = ga;
           A gox = 0, goy = 0;
-          if (c.inside) {
+          if (moves) {
             if (s.coords == 2) {
               gox = gx / A(g.width);
               goy = gy / A(g.height);
             } else {
-              gox = gx * A(smp.rw * 0.5 / double(s.P));
-              goy = gy * A(smp.rh * 0.5 / double(s.P));
-              ref_part[2] += gx * A(smp.ox / double(s.P) * 0.5);
-              ref_part[3] += gy * A(smp.oy / double(s.P) * 0.5);
+              // d loc / d off = size * offset_scale / P_l, d loc / d size = off / P_l * offset_scale,
+              // each factor in double in the reference's order.
+              const double points = double(g.points);
+              gox = gx * A(smp.rw * s.offset_scale / points);
+              goy = gy * A(smp.rh * s.offset_scale / points);
+              ref_part[2] += gx * A(smp.ox / points * s.offset_scale);
+              ref_part[3] += gy * A(smp.oy / points * s.offset_scale);
             }
             ref_part[0] += gx;
             ref_part[1] += gy;
@@ -365,8 +389,8 @@ __global__ void __launch_bounds__(kBlockThreads)
     if constexpr (Fused) {
       // The softmax's backward: dL/dz_i = a_i * (dL/da_i - sum_j a_j dL/da_j).
       if (lane == 0 && active && out.weights) {
-        for (std::int64_t i = 0; i < s.L * s.P; ++i) {
-          const std::int64_t sample = head * s.L * s.P + i;
+        for (std::int64_t i = 0; i < s.K; ++i) {
+          const std::int64_t sample = head * s.K + i;
           const A a = exp_of(load_real<A>(in.weights, s.weight_type, sample) - in.softmax[2 * head]) *
                       in.softmax[2 * head + 1];
           store_real(out.weights, s.weight_type, sample, a * (out.weight_gradients[sample] - weighted_sum));
@@ -394,13 +418,13 @@ __global__ void reference_sum_kernel(const A* partials, void* grad_reference, DT
 template <class A, bool Fused, class Key, class Index>
 __global__ void bucket_kernel(Shape s, SampleInputs<A> in, std::int64_t cells_per_head, std::int64_t buckets,
                               Place<A>* places, Key* keys, Index* ids) {
-  const std::int64_t samples = s.N * s.Q * s.M * s.L * s.P;
+  const std::int64_t samples = s.N * s.Q * s.M * s.K;
   const std::int64_t stride = std::int64_t(gridDim.x) * blockDim.x;
   for (std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < samples; i += stride) {
-    const SampleSite site = site_of(i, s.L, s.P);
+    const SampleSite site = site_of(i, s.levels, s.L, s.K);
     const LevelGeometry g = s.levels[site.level];
     const Sample<A> smp = fetch<A, Fused>(s, in, i, site.head, site.level, g);
-    const Corners<A> c = place(smp, g);
+    const Corners<A> c = place(s, smp, g);
     const std::int64_t m = site.head % s.M, n = site.head / s.M / s.Q;
     keys[i] = static_cast<Key>(sample_bucket(c, g, n, m, s.M, cells_per_head, buckets));
     ids[i] = static_cast<Index>(i);
@@ -436,8 +460,11 @@ __global__ void __launch_bounds__(kBlockThreads)
     const std::int64_t h = (row - g.start) / g.width, w = (row - g.start) % g.width;
     for (std::int64_t c0 = 0; c0 < s.D; c0 += std::int64_t(lanes) * kChannelsPerLane) {
       A acc[kChannelsPerLane] = {};
-      // This pixel is corner (dh, dw) of the samples whose top-left corner is (h - dh, w - dw).
-      for (int corner = 0; corner < 4; ++corner) {
+      // This pixel is corner (dh, dw) of the samples whose top-left corner is (h - dh, w - dw). A
+      // discrete sample's pixel is its top-left corner, and no corner of the samples in the other
+      // three buckets (their 0 weight times an infinite grad_output would be NaN).
+      const int corners = s.discrete ? 1 : 4;
+      for (int corner = 0; corner < corners; ++corner) {
         const int dh = corner >> 1, dw = corner & 1;
         const std::int64_t bucket = pixel_bucket(g, n, m, s.M, cells_per_head, h, w, dh, dw);
         const std::int64_t end = static_cast<std::int64_t>(segments[bucket + 1]);
@@ -601,8 +628,8 @@ struct Setup {
                           cudaMemcpyHostToDevice, stream_of(p)),
           "copying the level table");
     const Problem& pr = *p.problem;
-    shape = {p.N, p.S, p.M, p.D, p.Q, p.L, p.P, device_levels, static_cast<int>(p.reference_coords),
-             pr.location_dtype, pr.weight_dtype, pr.reference_dtype};
+    shape = {p.N, p.S, p.M, p.D, p.Q, p.L, p.K, device_levels, static_cast<int>(p.reference_coords),
+             pr.location_dtype, pr.weight_dtype, pr.reference_dtype, p.discrete, p.offset_scale};
     inputs = {p.locations, p.weights, p.reference_points, scratch.at<A>(layout.softmax)};
     if (p.fused) {
       const std::int64_t heads = p.N * p.Q * p.M;

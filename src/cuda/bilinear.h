@@ -23,7 +23,10 @@ MSDA_HD A floor_of(A x) {
 }
 
 // One sample's place on its level: the top-left corner (h0, w0) and the interpolation weights.
-// `inside` is SPEC's range rule (false for NaN too); when false nothing else is meaningful.
+// `inside` is SPEC's range rule (false for NaN too); when false nothing else is meaningful. A
+// discrete sample (pixel_at) is the corner (h0, w0) alone, with weight hh*hw = 1; its other three
+// corners are not part of it, and the kernels must not touch them (their 0 weight times an
+// infinite value, or an infinite grad_output, would be NaN).
 template <class A>
 struct Corners {
   bool inside = false;
@@ -47,6 +50,32 @@ MSDA_HD Corners<A> corners_at(A u, A v, std::int64_t height, std::int64_t width)
   return c;
 }
 
+// SPEC's discrete index along one axis of `size` pixels: clamp(trunc(t), 0, size - 1) for
+// t = x*size + 0.5. Clamped while still a double, so an infinite t reaches the edge without
+// meeting an integer conversion (which is undefined for it); trunc rounds toward zero, so t in
+// (-1, 0) is pixel 0 like any other negative t. The caller rules out NaN.
+MSDA_HD std::int64_t discrete_index(double t, std::int64_t size) {
+  const double last = static_cast<double>(size - 1);
+  const double i = trunc(t);
+  return static_cast<std::int64_t>(i < 0 ? 0.0 : i > last ? last : i);
+}
+
+// SPEC's discrete sample: the one pixel (row, column) = (discrete_index(y*H + 0.5, H),
+// discrete_index(x*W + 0.5, W)), taken as the corner (h0, w0) with weight 1 (lh = lw = 0). The
+// caller computes t_column = x*W + 0.5 and t_row = y*H + 0.5 in double, rounded operation by
+// operation as the reference does (x*W is exact for f32, bf16 and f16 coordinates). A NaN
+// coordinate (and only that: an infinite one clamps to the edge) reads nothing.
+template <class A>
+MSDA_HD Corners<A> pixel_at(double t_column, double t_row, std::int64_t height, std::int64_t width) {
+  Corners<A> c;
+  c.inside = t_column == t_column && t_row == t_row;  // neither is NaN
+  if (!c.inside) return c;
+  c.h0 = discrete_index(t_row, height);
+  c.w0 = discrete_index(t_column, width);
+  c.hh = c.hw = A(1);
+  return c;
+}
+
 // The weight of corner (dh, dw) in {0, 1}^2 of the sample: hh*hw, hh*lw, lh*hw or lh*lw.
 template <class A>
 MSDA_HD A corner_weight(const Corners<A>& c, int dh, int dw) {
@@ -62,15 +91,31 @@ struct Place {
   std::int64_t head;
 };
 
-// A sample index (((n*Q + q)*M + m)*L + l)*P + p split into its head index (n*Q + q)*M + m (the
-// row of grad_output it reads, in units of D) and its level.
+// The last of the levels levels[0, L) whose `field` (a start, increasing with the level) is <= x.
+template <class Level>
+MSDA_HD std::int64_t last_level_at_or_below(const Level* levels, std::int64_t L, std::int64_t Level::*field,
+                                            std::int64_t x) {
+  std::int64_t lo = 0, hi = L - 1;
+  while (lo < hi) {
+    const std::int64_t mid = (lo + hi + 1) / 2;
+    if (levels[mid].*field <= x)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
+// A sample index head*K + k, with head = (n*Q + q)*M + m and k in [0, K) (level l's P_l samples
+// at k in [point_start_l, point_start_l + P_l)), split into its head (the row of grad_output it
+// reads, in units of D) and its level.
 struct SampleSite {
   std::int64_t head;  // (n*Q + q)*M + m
   std::int64_t level;
 };
-MSDA_HD SampleSite site_of(std::int64_t sample, std::int64_t L, std::int64_t P) {
-  const std::int64_t lp = sample / P;
-  return {lp / L, lp % L};
+template <class Level>
+MSDA_HD SampleSite site_of(std::int64_t sample, const Level* levels, std::int64_t L, std::int64_t K) {
+  return {sample / K, last_level_at_or_below(levels, L, &Level::point_start, sample % K)};
 }
 
 // The first sorted position of bucket k: a lower bound in the sorted keys. One thread per bucket
@@ -91,15 +136,7 @@ MSDA_HD std::int64_t segment_start(const Key* sorted_keys, std::int64_t samples,
 // The level holding row `row` of value: the last level whose start is <= row.
 template <class Level>
 MSDA_HD std::int64_t level_of_row(const Level* levels, std::int64_t L, std::int64_t row) {
-  std::int64_t lo = 0, hi = L - 1;
-  while (lo < hi) {
-    const std::int64_t mid = (lo + hi + 1) / 2;
-    if (levels[mid].start <= row)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  return lo;
+  return last_level_at_or_below(levels, L, &Level::start, row);
 }
 
 }  // namespace msda::cuda

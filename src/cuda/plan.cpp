@@ -27,7 +27,8 @@ std::vector<LevelGeometry> level_geometry(const Params& params) {
   std::vector<LevelGeometry> levels;
   std::int64_t cells = 0;
   for (std::int64_t l = 0; l < params.L; ++l) {
-    levels.push_back({params.height[l], params.width[l], params.level_start[l], cells});
+    levels.push_back({params.height[l], params.width[l], params.level_start[l], cells, params.points[l],
+                      params.point_start[l]});
     cells += (params.height[l] + 1) * (params.width[l] + 1);
   }
   return levels;
@@ -35,7 +36,7 @@ std::vector<LevelGeometry> level_geometry(const Params& params) {
 
 BucketPlan plan_buckets(const Params& params) {
   BucketPlan plan;
-  plan.samples = params.N * params.Q * params.M * params.L * params.P;  // validated: fits
+  plan.samples = params.N * params.Q * params.M * params.K;  // validated: fits
   // (H+1)*(W+1) can exceed the validated H*W only by H+W+1 per level, and the sum of H*W*M*N*D
   // fits in 64 bits, so these products overflow only for problems no device holds; check anyway.
   bool overflow = false;
@@ -80,7 +81,7 @@ Workspace plan_workspace(const Params& params, bool backward, std::size_t sort_s
   const std::size_t real = math_bytes(params);
   const auto count = [](std::int64_t n) { return static_cast<std::size_t>(n); };
   const std::int64_t heads = params.N * params.Q * params.M;
-  const std::int64_t samples = heads * params.L * params.P;
+  const std::int64_t samples = heads * params.K;
   Carver carve;
   Workspace w;
   w.levels = carve.take(count(params.L) * sizeof(LevelGeometry));

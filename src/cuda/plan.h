@@ -34,18 +34,22 @@ Launch launch_for(std::int64_t items, int lanes);
 Launch launch_flat(std::int64_t items);
 
 // A level as the kernels see it (copied to the device once per call). cell_start: the level's
-// first bucket among the cells of one (n, m) (see BucketPlan).
+// first bucket among the cells of one (n, m) (see BucketPlan). points and point_start: its P_l
+// samples per head, at k in [point_start, point_start + points) of the head's K.
 struct LevelGeometry {
-  std::int64_t height, width, start, cell_start;
+  std::int64_t height, width, start, cell_start, points, point_start;
 };
 
 // The deterministic backward buckets every in-range sample by its top-left corner (h0, w0),
 // which runs from (-1, -1) to (H-1, W-1): (H+1) x (W+1) cells per level, per (n, m). The pixel
 // (h, w) is a corner of the samples in exactly four cells: (h, w) (as their bottom-right corner),
 // (h, w+1), (h+1, w) and (h+1, w+1) in cell coordinates (h0+1, w0+1). A sample zeroed by the
-// range rule gets the key `buckets`, which sorts after every real bucket.
+// range rule gets the key `buckets`, which sorts after every real bucket. A discrete sample's
+// pixel is its top-left corner, so it goes in cell (h0+1, w0+1) like any other; the gather of a
+// discrete problem reads a pixel's own cell alone, since the samples in its other three cells
+// read other pixels.
 struct BucketPlan {
-  std::int64_t samples = 0;         // N*Q*M*L*P
+  std::int64_t samples = 0;         // N*Q*M*K
   std::int64_t cells_per_head = 0;  // sum over levels of (H+1)*(W+1)
   std::int64_t buckets = 0;         // N*M*cells_per_head
   int key_bits = 0;                 // bits the radix sort must look at: enough for `buckets`
