@@ -14,6 +14,11 @@ function, and the gradients must agree to rounding (relative 1e-9 in float64; th
 1e-13). The convolutions get He initialisation (see build()). Every model has dropout on in train
 mode (0.1), and the kernel calls are counted, so that a patched model that silently ran
 transformers' path would fail.
+
+RT-DETRv2, D-FINE and DEIMv2 run the v2 attention (transformers' multi_scale_deformable_attention_v2:
+points per level, here [3, 3, 3], [3, 6, 3] and [1, 4, 2], bilinear or discrete sampling). With
+discrete sampling the pixel choice has no gradient: the sampling_offsets parameters get None on
+transformers' path, and must get None (not zeros) on msda's too.
 """
 import contextlib
 import copy
@@ -58,15 +63,41 @@ def deformable_detr(two_stage=False, with_box_refine=False):
     return model, dict(pixel_values=_pixels(), pixel_mask=_pixel_mask()), 1 + 2
 
 
-def rt_detr():
-    config = transformers.RTDetrConfig(
+# RT-DETR and its successors (RT-DETRv2, D-FINE, DEIMv2): a tiny ResNet backbone and hybrid encoder.
+_RT_DETR_FAMILY = dict(
+    encoder_in_channels=[16, 32, 64], d_model=32, encoder_hidden_dim=32, decoder_in_channels=[32, 32, 32],
+    encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2,
+    decoder_layers=2, num_queries=10, num_labels=3, num_denoising=0, dropout=0.1)
+
+
+def _rt_detr_family(config_class, model_class, **kwargs):
+    config = config_class(
         backbone_config=transformers.RTDetrResNetConfig(**_RESNET, out_features=["stage2", "stage3", "stage4"]),
-        encoder_in_channels=[16, 32, 64], d_model=32, encoder_hidden_dim=32, decoder_in_channels=[32, 32, 32],
-        encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2,
-        decoder_layers=2, num_queries=10, num_labels=3, num_denoising=0, dropout=0.1)
-    model = transformers.RTDetrForObjectDetection(config)
+        **_RT_DETR_FAMILY, **kwargs)
+    model = model_class(config)
     # RT-DETR upsamples its feature maps by 2 and concatenates: sides are multiples of 32.
     return model, dict(pixel_values=_pixels(w=96), pixel_mask=_pixel_mask(w=96)), 2
+
+
+def rt_detr():
+    return _rt_detr_family(transformers.RTDetrConfig, transformers.RTDetrForObjectDetection)
+
+
+# The v2 attention (multi_scale_deformable_attention_v2): RT-DETRv2 with equal points per level,
+# bilinear ("default") or discrete sampling; D-FINE and DEIMv2 with unequal points per level.
+def rt_detr_v2(method="default"):
+    return _rt_detr_family(transformers.RTDetrV2Config, transformers.RTDetrV2ForObjectDetection, decoder_n_points=3,
+                           decoder_method=method)
+
+
+def d_fine():
+    return _rt_detr_family(transformers.DFineConfig, transformers.DFineForObjectDetection,
+                           decoder_n_points=[3, 6, 3], lqe_hidden_dim=8)
+
+
+def deimv2():
+    return _rt_detr_family(transformers.Deimv2Config, transformers.Deimv2ForObjectDetection,
+                           decoder_n_points=[1, 4, 2], lqe_hidden_dim=8, decoder_method="discrete")
 
 
 def grounding_dino():
@@ -133,6 +164,10 @@ BUILDERS = {
     "deformable_detr_box_refine": lambda: deformable_detr(with_box_refine=True),
     "deformable_detr_two_stage": lambda: deformable_detr(two_stage=True, with_box_refine=True),
     "rt_detr": rt_detr,
+    "rt_detr_v2": rt_detr_v2,
+    "rt_detr_v2_discrete": lambda: rt_detr_v2("discrete"),
+    "d_fine": d_fine,
+    "deimv2_discrete": deimv2,
     "grounding_dino": grounding_dino,
     "omdet_turbo": omdet_turbo,
     "mask2former": mask2former,
@@ -259,10 +294,14 @@ def test_patched_model_equals_transformers(name):
             actual = run(model, inputs, train)
         assert calls[0] == layers, f"{calls[0]} calls to msda in one forward, expected one per layer ({layers})"
         assert_same(expected, actual)
+        # Discrete sampling: the offsets get no gradient (None, what AdamW's weight decay skips),
+        # not zeros; bilinear sampling: they do get one.
+        offsets = {k: g for k, g in actual[2].items() if "sampling_offsets" in k}
+        assert all((g is None) == name.endswith("_discrete") for g in offsets.values()), name
 
 
 def test_state_dict_and_modes_unchanged():
-    for name in ("deformable_detr", "mask2former"):
+    for name in ("deformable_detr", "mask2former", "rt_detr_v2", "d_fine", "deimv2_discrete"):
         model, _, _ = build(name, dtype=torch.float32)
         model.eval()
         before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -363,33 +402,32 @@ def test_model_without_msda_raises():
         msda.patch("DeformableDetrForObjectDetection")
 
 
-def _rt_detr_v2():
-    config = transformers.RTDetrV2Config(
-        backbone_config=transformers.RTDetrResNetConfig(**_RESNET, out_features=["stage2", "stage3", "stage4"]),
-        encoder_in_channels=[16, 32, 64], d_model=32, encoder_hidden_dim=32, decoder_in_channels=[32, 32, 32],
-        encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=2, decoder_attention_heads=2,
-        decoder_layers=2, num_queries=10, num_labels=3, num_denoising=0)
-    return transformers.RTDetrV2ForObjectDetection(config)
-
-
-def _d_fine():
-    # The default HGNetV2 backbone: the model is only built, never run.
-    config = transformers.DFineConfig(d_model=32, encoder_hidden_dim=32, decoder_in_channels=[32, 32, 32],
-                                      encoder_ffn_dim=32, decoder_ffn_dim=32, encoder_attention_heads=2,
-                                      decoder_attention_heads=2, decoder_layers=2, num_queries=10, num_labels=3,
-                                      num_denoising=0)
-    return transformers.DFineForObjectDetection(config)
-
-
-@pytest.mark.parametrize("make, name", [(_rt_detr_v2, "RTDetrV2ForObjectDetection"),
-                                        (_d_fine, "DFineForObjectDetection")])
-def test_v2_variants_are_refused(make, name):
-    model = make()
-    before = [type(m) for m in model.modules()]
-    with pytest.raises(ValueError, match=f"{name} .*multi_scale_deformable_attention_v2.*not the operator msda"):
-        msda.patch(model)
-    assert [type(m) for m in model.modules()] == before
-    assert not any("forward" in m.__dict__ for m in model.modules())
+@pytest.mark.parametrize("name", ["rt_detr_v2", "d_fine"])
+def test_v2_patch_is_local(name):
+    """The v2 attention is patched per instance: RT-DETRv2's attention gets a rebound forward, D-FINE's
+    (and DEIMv2's) its ms_deformable_attn_core attribute set to msda's; transformers' module
+    function and every other instance keep transformers' function; a deep copy of a patched model
+    stays patched."""
+    patched, inputs, layers = build(name, dtype=torch.float32)
+    module = sys.modules[type(patched).__module__]
+    function = module.multi_scale_deformable_attention_v2
+    other, _, _ = build(name, dtype=torch.float32)
+    assert msda.patch(patched) == layers
+    assert module.multi_scale_deformable_attention_v2 is function
+    swapped = [m for m in patched.modules()
+               if "forward" in m.__dict__ or m.__dict__.get("ms_deformable_attn_core", function) is not function]
+    assert len(swapped) == layers
+    for m in other.modules():
+        assert "forward" not in m.__dict__
+        assert m.__dict__.get("ms_deformable_attn_core", function) is function
+    twin = copy.deepcopy(patched)
+    assert msda.patch(twin) == 0
+    with torch.no_grad(), count_msda_calls() as calls:
+        other.eval()(**inputs)
+        assert calls[0] == 0
+        twin.eval()(**inputs)
+        assert calls[0] == layers
+    assert msda.patch(other) == layers
 
 
 def test_old_transformers_is_refused(monkeypatch):
