@@ -3,6 +3,8 @@ that torch.compile, torch.export, FakeTensor and the meta device trace through t
 symbolic sizes too. They check what the shapes, dtypes and devices alone decide, with the core
 library's message form (`msda: <argument>: expected ..., got ...`, a ValueError); the checks on
 the contents of spatial_shapes and level_start_index run in the real kernel."""
+import math
+
 import torch
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -112,7 +114,7 @@ def _ms_deform_attn_backward_fake(grad_output, value, spatial_shapes, level_star
 
 
 def _check_fused_tensors(value, spatial_shapes, level_start_index, reference_points, sampling_offsets,
-                         attention_logits, points=None, sampling="bilinear"):
+                         attention_logits, points=None, sampling="bilinear", offset_scale=0.5):
     named = {"value": value, "spatial_shapes": spatial_shapes, "level_start_index": level_start_index,
              "reference_points": reference_points, "sampling_offsets": sampling_offsets,
              "attention_logits": attention_logits}
@@ -152,6 +154,9 @@ def _check_fused_tensors(value, spatial_shapes, level_start_index, reference_poi
     torch._check_value(ref.shape[3] == 2 or ref.shape[3] == 4,
                        lambda: f"msda: reference_points: expected 2 coordinates (x, y) or 4 (cx, cy, w, h) in the last "
                                f"dimension, got {list(ref.shape)}")
+    # The box formula's scale: any finite number (unused with 2 coordinates, as in the kernel).
+    if ref.shape[3] == 4 and not math.isfinite(offset_scale):
+        _fail("offset_scale", "a finite number", str(float(offset_scale)))
     expected = (n, q, m, samples)
     for got, want in zip(logits.shape, expected):
         torch._check_value(got == want, lambda: f"msda: attention_logits: expected sizes {layouts['attention_logits']} = "
@@ -168,7 +173,7 @@ def _check_fused_tensors(value, spatial_shapes, level_start_index, reference_poi
 def _ms_deform_attn_fused_fake(value, spatial_shapes, level_start_index, reference_points, sampling_offsets,
                                attention_logits, points=None, sampling="bilinear", offset_scale=0.5):
     _check_fused_tensors(value, spatial_shapes, level_start_index, reference_points, sampling_offsets,
-                         attention_logits, points, sampling)
+                         attention_logits, points, sampling, offset_scale)
     n, _, m, d = value.shape
     return value.new_empty((n, sampling_offsets.shape[1], m * d))
 
@@ -178,7 +183,7 @@ def _ms_deform_attn_fused_backward_fake(grad_output, value, spatial_shapes, leve
                                         sampling_offsets, attention_logits, output_mask, points=None,
                                         sampling="bilinear", offset_scale=0.5):
     _check_fused_tensors(value, spatial_shapes, level_start_index, reference_points, sampling_offsets,
-                         attention_logits, points, sampling)
+                         attention_logits, points, sampling, offset_scale)
     if grad_output.device != value.device:
         _fail("grad_output", f"the device of value ({value.device})", str(grad_output.device))
     if grad_output.dtype != value.dtype:
