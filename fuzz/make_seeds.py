@@ -60,18 +60,39 @@ def dtype_byte(value, location=None, weight=None, any_mix=False):
     return b
 
 
+# offset_scale bytes (decode_offset_scale): 0.5 below 160; kFinite[b % 16] below 232; else not finite.
+SCALE = {0.5: 0, 0.25: 160, 0.75: 161, 1.0: 162, 0.3: 163, 2.0: 164, -0.5: 165, "nan": 232, "inf": 233}
+
+
+def v2_bytes(fused=False, discrete=False, points=None, coords=4, reference_f32=False, scale=0.5):
+    """decode_v2's fields: plain or fused, the sampling, the points per level (None: equal points,
+    `points` on every level; a list: P_l in 1..6), and for the fused op the reference points'
+    coordinates (2 or 4) and dtype (value's, or f32) and offset_scale (a key of SCALE)."""
+    mode = 0 if points is None else 2
+    out = [int(fused) | (int(discrete) << 1) | (mode << 2)]
+    if points is not None:
+        out += [x - 1 for x in points]  # P_l = 1 + b % 6
+    if fused:
+        out += [(0 if coords == 4 else 4) | (8 if reference_f32 else 0), SCALE[scale]]
+    return out
+
+
 def problem(n=1, q=4, m=2, d=32, p=3, levels=((3, 4), (2, 2)), dtypes=(F32,), any_mix=False,
             corrupt=None, level=0, threads=(1, 2), tuning=0, bad=0, grads=7, nonfinite=False,
-            rates=(0, 0, 0, 0), mode=0):
+            rates=(0, 0, 0, 0), mode=0, v2=None):
     """mode: byte 0 (anything but 7 mod 8 fuzzes a problem). corrupt: decode_problem's case number
     (0..29), applied to level `level`. threads: (first, second) in 1..4. tuning: bit 0 staging copy
     (else bit 6: direct, else automatic), bit 1 level_parts, bits 2-3 the query_block choice,
-    bits 4-5 the scatter (automatic, copy, in_place, automatic). bad: >= 224 makes a bad call. grads: mask of the gradients the cpu backend is asked for (1 value, 2 locations, 4 weights). rates:
-    special-value rates of locations, weights, value, grad_output (0 none .. 3 one in two)."""
+    bits 4-5 the scatter (automatic, copy, in_place, automatic). bad: >= 224 makes a bad call. grads: mask of the gradients the cpu backend is asked for (1 value, 2 locations, 4 weights; fused:
+    1 value, 2 reference_points, 4 sampling_offsets, 8 attention_logits). rates:
+    special-value rates of locations, weights, value, grad_output (0 none .. 3 one in two).
+    v2: None, or v2_bytes()'s keywords (a corruption byte in [160, 224) announces them)."""
     out = [mode, n_byte(n), q_byte(q), m_byte(m), d_byte(d), p_byte(p), l_byte(len(levels))]
     for h, w in levels:
         out += [dim_byte(h), dim_byte(w)]
     out.append(dtype_byte(*dtypes, any_mix=any_mix))
+    if v2 is not None:
+        out += [160] + v2_bytes(**v2)
     if corrupt is None:
         out.append(0)
     else:
@@ -117,6 +138,18 @@ SEEDS = {
     "describe-consistent": describe(dtypes=(BF16, F32, F32)),
     # sampling_locations[4] = -2; value gets rank 5
     "describe-changed-sizes": describe(changes=((3, 70, 201), (0, 5, 3, 1, 2, 3, 4)), same_dtypes=False),
+    # The v2 attention (SPEC "Points per level and discrete sampling"), discrete, with f64
+    # locations (some at pixel centres: x*W + 0.5 on an integer up to rounding, an ambiguous pixel).
+    "v2-discrete-points-f64": problem(dtypes=(F64,), q=6, levels=((12, 12), (6, 6), (3, 3)), rates=(1, 0, 0, 0),
+                                      v2=dict(discrete=True, points=[3, 6, 3]), threads=(2, 3)),
+    # The fused op with boxes, D-FINE's points [3, 6, 3] and another offset_scale, every gradient.
+    "v2-fused-boxes-points": problem(q=8, m=2, d=8, levels=((12, 12), (6, 6), (3, 3)), grads=15,
+                                     v2=dict(fused=True, points=[3, 6, 3], scale=0.75), threads=(3, 1)),
+    # The fused op, discrete (RT-DETRv2), 2 coordinates, bf16 value with f32 reference points.
+    "v2-fused-discrete-bf16": problem(dtypes=(BF16, F32, F32), q=5, d=7, grads=15, tuning=2,
+                                      v2=dict(fused=True, discrete=True, coords=2, reference_f32=True)),
+    # A non-finite offset_scale with boxes: an msda::Error naming offset_scale.
+    "v2-fused-nan-offset-scale": problem(v2=dict(fused=True, scale="nan")),
 }
 
 
