@@ -24,7 +24,7 @@ def __getattr__(name):
     if name in ("onnx", "openvino"):
         import importlib
 
-        return importlib.import_module(".onnx", __name__)
+        return importlib.import_module("." + name, __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
