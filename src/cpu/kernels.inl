@@ -323,9 +323,10 @@ struct Group {
     // Whole vectors, whose lanes may span levels: each level's origin and factor are blended into
     // the lanes of its samples (built in registers: lanes stored one by one and read back as a
     // vector would stall on store forwarding). Lanes outside [at, at + count) belong to samples
-    // this call does not use, or are padding (level -1: origin 0, factor 1, offset 0). A contracted
-    // multiply-add rounds as the reference's two operations do: the product that meets the
-    // addition is one by 1 or by 0.5.
+    // this call does not use, or are padding (level -1: origin 0, factor 1, offset 0). The product
+    // is rounded before the addition, as the reference's two operations round it: with a free
+    // offset_scale a contracted multiply-add would move a location by an ulp and, at a pixel edge,
+    // pick another pixel (the fuzzer's regression-v2-fused-offset-scale-fma-* inputs).
     using VD = Vec<double>;
     using VI = Vec<std::int64_t>;
     const std::int64_t R = p.reference_coords;
@@ -347,8 +348,8 @@ struct Group {
       }
       const VD divisor_x = R == 2 ? load_compute(width + s) : load_compute(points + s);
       const VD divisor_y = R == 2 ? load_compute(height + s) : load_compute(points + s);
-      store_compute(x + s, origin_x + load_compute(offset_x + s) / divisor_x * factor_x * half);
-      store_compute(y + s, origin_y + load_compute(offset_y + s) / divisor_y * factor_y * half);
+      store_compute(x + s, origin_x + rounded(load_compute(offset_x + s) / divisor_x * factor_x * half));
+      store_compute(y + s, origin_y + rounded(load_compute(offset_y + s) / divisor_y * factor_y * half));
     }
   }
 
@@ -435,7 +436,7 @@ struct Group {
     Lanes g;
     const VD H = load_compute(height + s);
     g.W = load_compute(width + s);
-    if (discrete) return discrete_geometry(s, H);
+    if (__builtin_expect(discrete, 0)) return discrete_geometry(s, H);  // out of line: the bilinear loops stay as tight as before
     // The fused op's locations are full doubles, whose product with W is not exact: rounded
     // before the subtraction, as the reference does, or an FMA would pick other corners at pixel
     // boundaries.
@@ -463,7 +464,7 @@ struct Group {
   // as corner 0 with weight 1, the other corners off the map, fractions 0; a NaN coordinate zeroes
   // the sample. Clamped, trunc and floor agree (they differ below 0 only), and the clamp runs in
   // double, so an infinite coordinate never meets an integer conversion.
-  MSDA_INLINE Lanes discrete_geometry(std::int64_t s, Vec<double> H) const {
+  [[gnu::noinline]] Lanes discrete_geometry(std::int64_t s, Vec<double> H) const {
     using VD = Vec<double>;
     const VD zero{}, one = zero + 1.0;
     Lanes g;
