@@ -37,12 +37,15 @@ int main() {
   auto locations = torch::rand({2, 10, 4, 2, 3, 2}, f64).requires_grad_();
   auto weights = torch::rand({2, 10, 4, 2, 3}, f64).requires_grad_();
 
-  // The op as registered: the same schema Python sees as torch.ops.msda.ms_deform_attn.
+  // The op as registered: the same schema Python sees as torch.ops.msda.ms_deform_attn. A typed
+  // call names every argument, the defaulted ones too: im2col_step, points (none: equal points
+  // from the tensors' shapes) and sampling.
   auto op = c10::Dispatcher::singleton()
                 .findSchemaOrThrow("msda::ms_deform_attn", "")
                 .typed<torch::Tensor(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
-                                     const torch::Tensor&, const torch::Tensor&, c10::optional<int64_t>)>();
-  torch::Tensor out = op.call(value, shapes, starts, locations, weights, c10::nullopt);
+                                     const torch::Tensor&, const torch::Tensor&, c10::optional<int64_t>,
+                                     at::OptionalIntArrayRef, c10::string_view)>();
+  torch::Tensor out = op.call(value, shapes, starts, locations, weights, c10::nullopt, c10::nullopt, "bilinear");
   auto grads = torch::autograd::grad({out.sin().sum()}, {value, locations, weights});
 
   torch::Tensor expected = grid_sample_msda(value, shapes, locations, weights);
