@@ -78,31 +78,28 @@ def deformable_detr(transformers, quick, batch):
     return model, dict(pixel_values=_image(batch, h, w), pixel_mask=torch.ones(batch, h, w, dtype=torch.long)), summary
 
 
-def rt_detr(transformers, quick, batch):
+def _rt_detr_family(transformers, quick, batch, family, points, note="", **extra):
+    """RT-DETR and the detectors built on it (RT-DETRv2, D-FINE): the same sizes, the family's
+    config and model class (transformers.<family>Config, <family>ForObjectDetection)."""
     d, heads, dec, queries, ffn, size = (32, 2, 2, 10, 32, 64) if quick else (256, 8, 6, 300, 1024, 640)
     backbone = _resnet(transformers, quick, ["stage2", "stage3", "stage4"], transformers.RTDetrResNetConfig)
-    config = transformers.RTDetrConfig(
+    config = getattr(transformers, f"{family}Config")(
         backbone_config=backbone, encoder_in_channels=backbone.hidden_sizes[1:], d_model=d, encoder_hidden_dim=d,
         decoder_in_channels=[d] * 3, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn, encoder_attention_heads=heads,
         decoder_attention_heads=heads, decoder_layers=dec, num_queries=queries, num_feature_levels=3,
-        decoder_n_points=4, num_denoising=0, num_labels=80)
-    model = transformers.RTDetrForObjectDetection(config)
-    summary = f"d {d}, {heads} heads, 3 levels, 4 points, 1+{dec} layers, {queries} queries, {size}x{size}"
+        decoder_n_points=points, num_denoising=0, num_labels=80, **extra)
+    model = getattr(transformers, f"{family}ForObjectDetection")(config)
+    point_text = f"{points} points" if isinstance(points, int) else f"points {points}"
+    summary = f"d {d}, {heads} heads, 3 levels, {point_text}{note}, 1+{dec} layers, {queries} queries, {size}x{size}"
     return model, dict(pixel_values=_image(batch, size, size)), summary
+
+
+def rt_detr(transformers, quick, batch):
+    return _rt_detr_family(transformers, quick, batch, "RTDetr", 4)
 
 
 def rt_detr_v2(transformers, quick, batch, method="default"):
-    d, heads, dec, queries, ffn, size = (32, 2, 2, 10, 32, 64) if quick else (256, 8, 6, 300, 1024, 640)
-    backbone = _resnet(transformers, quick, ["stage2", "stage3", "stage4"], transformers.RTDetrResNetConfig)
-    config = transformers.RTDetrV2Config(
-        backbone_config=backbone, encoder_in_channels=backbone.hidden_sizes[1:], d_model=d, encoder_hidden_dim=d,
-        decoder_in_channels=[d] * 3, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn, encoder_attention_heads=heads,
-        decoder_attention_heads=heads, decoder_layers=dec, num_queries=queries, num_feature_levels=3,
-        decoder_n_points=4, num_denoising=0, num_labels=80, decoder_method=method)
-    model = transformers.RTDetrV2ForObjectDetection(config)
-    summary = (f"d {d}, {heads} heads, 3 levels, 4 points, {method} sampling, 1+{dec} layers, {queries} queries, "
-               f"{size}x{size}")
-    return model, dict(pixel_values=_image(batch, size, size)), summary
+    return _rt_detr_family(transformers, quick, batch, "RTDetrV2", 4, f", {method} sampling", decoder_method=method)
 
 
 def rt_detr_v2_discrete(transformers, quick, batch):
@@ -110,16 +107,7 @@ def rt_detr_v2_discrete(transformers, quick, batch):
 
 
 def d_fine(transformers, quick, batch):
-    d, heads, dec, queries, ffn, size = (32, 2, 2, 10, 32, 64) if quick else (256, 8, 6, 300, 1024, 640)
-    backbone = _resnet(transformers, quick, ["stage2", "stage3", "stage4"], transformers.RTDetrResNetConfig)
-    config = transformers.DFineConfig(
-        backbone_config=backbone, encoder_in_channels=backbone.hidden_sizes[1:], d_model=d, encoder_hidden_dim=d,
-        decoder_in_channels=[d] * 3, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn, encoder_attention_heads=heads,
-        decoder_attention_heads=heads, decoder_layers=dec, num_queries=queries, num_feature_levels=3,
-        decoder_n_points=[3, 6, 3], num_denoising=0, num_labels=80)
-    model = transformers.DFineForObjectDetection(config)
-    summary = f"d {d}, {heads} heads, 3 levels, points [3, 6, 3], 1+{dec} layers, {queries} queries, {size}x{size}"
-    return model, dict(pixel_values=_image(batch, size, size)), summary
+    return _rt_detr_family(transformers, quick, batch, "DFine", [3, 6, 3])
 
 
 def mask2former(transformers, quick, batch):
