@@ -1,7 +1,7 @@
-// The cuda backend, as far as a machine without a GPU can check it: its launch and workspace
-// planning, its overflow rules, and the deterministic grad_value's bucketing, run on the host
-// with the very functions the kernels call (src/cuda/bilinear.h, plan.h) and compared with the
-// reference backend. Tests that need a device are in tests/cuda/.
+// The cuda backend's host-side planning, as far as a machine without a GPU can check it: how
+// channels map onto lanes, launches, record and workspace sizes, index widths, and the
+// geometry functions the kernels call (src/cuda/bilinear.h, plan.h). The kernels themselves run
+// in the emulation (tests/test_cuda_emulated*.cpp); tests that need a device are in tests/cuda/.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -17,7 +17,7 @@
 
 namespace {
 
-using msda::cuda::BucketPlan;
+using msda::cuda::RecordPlan;
 using msda::cuda::LevelGeometry;
 using msda::cuda::Region;
 using msda::cuda::Workspace;
@@ -25,17 +25,39 @@ using namespace msda_test;
 
 msda::Params params_of(const msda::Problem& problem) { return msda::cuda_emulation::params_for(problem); }
 
-TEST(CudaPlan, GroupLanesCoverTheChannelsUpToAWarp) {
-  EXPECT_EQ(msda::cuda::group_lanes(1), 1);
-  EXPECT_EQ(msda::cuda::group_lanes(2), 2);
-  EXPECT_EQ(msda::cuda::group_lanes(3), 4);
-  EXPECT_EQ(msda::cuda::group_lanes(32), 32);
-  EXPECT_EQ(msda::cuda::group_lanes(33), 32);
-  EXPECT_EQ(msda::cuda::group_lanes(std::int64_t(1) << 40), 32);
-  for (std::int64_t d = 1; d < 100; ++d) {
-    const int lanes = msda::cuda::group_lanes(d);
-    EXPECT_EQ(32 % lanes, 0) << d;  // groups never straddle a warp
-  }
+TEST(CudaPlan, ChannelMapsLoadSixteenBytesALaneWhereRowsAreAligned) {
+  using msda::cuda::channel_map;
+  // D = 32: 8 lanes of float4, 4 lanes of 8 bf16; scalar where unaligned or D is no multiple.
+  EXPECT_EQ(channel_map(32, 4, true).vector, 4);
+  EXPECT_EQ(channel_map(32, 4, true).lanes, 8);
+  EXPECT_EQ(channel_map(32, 2, true).vector, 8);
+  EXPECT_EQ(channel_map(32, 2, true).lanes, 4);
+  EXPECT_EQ(channel_map(32, 4, false).vector, 1);
+  EXPECT_EQ(channel_map(32, 4, false).lanes, 32);
+  EXPECT_EQ(channel_map(30, 4, true).vector, 1);
+  EXPECT_EQ(channel_map(32, 8, true).vector, 1);  // f64 stays scalar
+  EXPECT_EQ(channel_map(256, 4, true).lanes, 32);  // several passes of 128 channels
+  EXPECT_EQ(channel_map(3, 4, true).lanes, 4);
+  EXPECT_EQ(channel_map(4, 4, true).lanes, 1);
+  for (std::int64_t d = 1; d < 300; ++d)
+    for (std::size_t bytes : {2u, 4u, 8u})
+      for (bool aligned : {false, true}) {
+        const msda::cuda::ChannelMap map = channel_map(d, bytes, aligned);
+        EXPECT_EQ(32 % map.lanes, 0) << d;  // groups never straddle a warp
+        EXPECT_EQ(d % map.vector, 0) << d;  // no lane's vector crosses the head's end
+        // The fewest lanes that cover D (or 32, with passes).
+        EXPECT_TRUE(map.lanes == 32 || map.lanes * map.vector >= d) << d;
+        EXPECT_TRUE(map.lanes == 1 || (map.lanes / 2) * map.vector < d) << d;
+      }
+}
+
+TEST(CudaPlan, NarrowIndexingOnlyWhereEveryOffsetFitsThirtyTwoBits) {
+  EXPECT_TRUE(msda::cuda::narrow_indexing(params_of(make_problem({2, 3, 8, 7, 4, {{6, 5}, {3, 3}}}, {}))));
+  // value of 2^31 elements: 64-bit offsets.
+  EXPECT_FALSE(msda::cuda::narrow_indexing(params_of(make_problem({1, 1, 8, 1, 1, {{1 << 14, 1 << 14}}}, {}))));
+  // 2^29 samples: 2^31 records.
+  EXPECT_FALSE(msda::cuda::narrow_indexing(params_of(make_problem({1, 1, 1, 1 << 25, 16, {{2, 2}}}, {}))));
+  EXPECT_TRUE(msda::cuda::narrow_indexing(params_of(make_problem({1, 1, 1, 1 << 20, 16, {{2, 2}}}, {}))));
 }
 
 TEST(CudaPlan, LaunchesCoverEveryItemWithinTheGridLimit) {
@@ -46,54 +68,47 @@ TEST(CudaPlan, LaunchesCoverEveryItemWithinTheGridLimit) {
   EXPECT_EQ(msda::cuda::launch_flat(257).blocks, 2);
   // Past the cap the kernels loop: the grid stays within CUDA's x limit (2^31 - 1).
   const msda::cuda::Launch huge = msda::cuda::launch_for(std::int64_t(1) << 50, 1);
-  EXPECT_EQ(huge.blocks, msda::cuda::kMaxBlocks);
+  EXPECT_EQ(huge.blocks, msda::cuda::max_blocks());
   EXPECT_LT(huge.blocks, std::int64_t(1) << 31);
 }
 
-TEST(CudaPlan, BucketsAreTheCellsOfTopLeftCorners) {
+TEST(CudaPlan, RecordsAreFourCornersASampleOrOneDiscretePixel) {
   const msda::Problem pr = make_problem({2, 3, 4, 5, 2, {{3, 4}, {1, 1}}}, {});
   const msda::Params p = params_of(pr);
-  const BucketPlan plan = msda::cuda::plan_buckets(p);
+  const RecordPlan plan = msda::cuda::plan_records(p);
   EXPECT_EQ(plan.samples, 2 * 5 * 3 * 2 * 2);
-  EXPECT_EQ(plan.cells_per_head, 4 * 5 + 2 * 2);
-  EXPECT_EQ(plan.buckets, 2 * 3 * plan.cells_per_head);
+  EXPECT_EQ(plan.records, plan.samples * 4);
+  EXPECT_EQ(plan.rows, 2 * 13 * 3);
+  EXPECT_EQ(plan.chunk, msda::cuda::chunk_records());
+  EXPECT_EQ(plan.chunks, (plan.records + plan.chunk - 1) / plan.chunk);
   EXPECT_FALSE(plan.wide);
-  EXPECT_GE(std::uint64_t(1) << plan.key_bits, std::uint64_t(plan.buckets) + 1);  // the sentinel fits
+  EXPECT_GE(std::uint64_t(1) << plan.key_bits, std::uint64_t(plan.rows) + 1);  // the sentinel fits
   const std::vector<LevelGeometry> levels = msda::cuda::level_geometry(p);
   ASSERT_EQ(levels.size(), 2u);
-  EXPECT_EQ(levels[1].cell_start, 20);
   EXPECT_EQ(levels[1].start, 12);
+  const RecordPlan discrete = msda::cuda::plan_records(
+      params_of(make_problem(with_v2({2, 3, 4, 5, 2, {{3, 4}, {1, 1}}}, {}, msda::Sampling::discrete), {})));
+  EXPECT_EQ(discrete.records, discrete.samples);
 }
 
 TEST(CudaPlan, SixtyFourBitKeysAndIdsWhenThirtyTwoDoNotHold) {
-  // 2^32 samples: ids need 64 bits though the buckets are few.
-  msda::Problem pr = make_problem({1, 1, 1, std::int64_t(1) << 28, 16, {{2, 2}}}, {});
-  EXPECT_TRUE(msda::cuda::plan_buckets(params_of(pr)).wide);
-  pr.queries = (std::int64_t(1) << 28) - 1;
-  EXPECT_FALSE(msda::cuda::plan_buckets(params_of(pr)).wide);
-  // Many buckets: 2^33 cells.
-  const std::int64_t side = (std::int64_t(1) << 16) - 1;
-  const msda::Problem maps = make_problem({1, 2, 1, 1, 1, {{side, side}}}, {});
-  const BucketPlan plan = msda::cuda::plan_buckets(params_of(maps));
+  // 2^32 records: ids need 64 bits though the rows are few.
+  msda::Problem pr = make_problem({1, 1, 1, std::int64_t(1) << 26, 16, {{2, 2}}}, {});
+  EXPECT_TRUE(msda::cuda::plan_records(params_of(pr)).wide);
+  pr.queries = (std::int64_t(1) << 26) - 1;
+  EXPECT_FALSE(msda::cuda::plan_records(params_of(pr)).wide);
+  // Many rows: 2^32 + a few.
+  const std::int64_t side = (std::int64_t(1) << 16) + 1;
+  const msda::Problem maps = make_problem({1, 1, 1, 1, 1, {{side, side}}}, {});
+  const RecordPlan plan = msda::cuda::plan_records(params_of(maps));
   EXPECT_TRUE(plan.wide);
-  EXPECT_EQ(plan.key_bits, 34);
-}
-
-TEST(CudaPlan, BucketCountsThatOverflowAreAnError) {
-  const std::int64_t big = std::int64_t(1) << 31;
-  const msda::Problem pr = make_problem({1 << 10, 1 << 10, 1, 1, 1, {{big, big}}}, {});
-  try {
-    msda::cuda::plan_buckets(params_of(pr));
-    FAIL() << "expected an Error";
-  } catch (const msda::Error& e) {
-    EXPECT_EQ(e.argument(), "spatial_shapes");
-  }
+  EXPECT_EQ(plan.key_bits, 33);
 }
 
 void expect_well_formed(const Workspace& w) {
-  const Region all[] = {w.levels,       w.softmax,     w.samples,          w.keys[0],
-                        w.keys[1],      w.ids[0],      w.ids[1],           w.segments,
-                        w.sort_scratch, w.accumulator, w.weight_gradients, w.reference_partials};
+  const Region all[] = {w.levels,       w.keys[0],     w.keys[1],          w.ids[0],
+                        w.ids[1],       w.coefficients, w.partials,        w.sort_scratch,
+                        w.accumulator,  w.weight_gradients, w.reference_partials};
   for (const Region& a : all) {
     if (a.bytes == 0) continue;
     EXPECT_EQ(a.offset % 256, 0u);
@@ -107,27 +122,30 @@ TEST(CudaPlan, WorkspaceHoldsWhatEachPassNeedsAndNothingElse) {
   const msda::Problem pr = make_problem({2, 3, 5, 7, 4, {{6, 5}, {3, 3}}}, {});
   msda::Params p = params_of(pr);
   const std::int64_t samples = 2 * 7 * 3 * 2 * 4;
+  const std::size_t records = samples * 4;
+  const std::size_t chunks = (records + msda::cuda::chunk_records() - 1) / msda::cuda::chunk_records();
 
   const Workspace forward = msda::cuda::plan_workspace(p, false, 0);
   expect_well_formed(forward);
   EXPECT_EQ(forward.levels.bytes, 2 * sizeof(LevelGeometry));
-  EXPECT_EQ(forward.samples.bytes + forward.softmax.bytes + forward.keys[0].bytes, 0u);
+  EXPECT_EQ(forward.total, 256u);  // the level table alone: the fused softmax is the group's
 
   char wanted;
   p.grad_value = &wanted;
   p.grad_locations = &wanted;
   const Workspace deterministic = msda::cuda::plan_workspace(p, true, 1000);
   expect_well_formed(deterministic);
-  EXPECT_EQ(deterministic.samples.bytes, std::size_t(samples) * sizeof(msda::cuda::Place<float>));
-  EXPECT_EQ(deterministic.keys[1].bytes, std::size_t(samples) * 4);
-  EXPECT_EQ(deterministic.segments.bytes, std::size_t(msda::cuda::plan_buckets(p).buckets + 1) * 4);
+  EXPECT_EQ(deterministic.keys[1].bytes, records * 4);
+  EXPECT_EQ(deterministic.ids[0].bytes, records * 4);
+  EXPECT_EQ(deterministic.coefficients.bytes, records * 4);
+  EXPECT_EQ(deterministic.partials.bytes, chunks * 2 * 5 * 4);
   EXPECT_EQ(deterministic.sort_scratch.bytes, 1000u);
   EXPECT_EQ(deterministic.accumulator.bytes, 0u);
 
   p.cuda.deterministic = false;  // f32 atomics add into grad_value itself
   const Workspace atomic = msda::cuda::plan_workspace(p, true, 0);
   expect_well_formed(atomic);
-  EXPECT_EQ(atomic.samples.bytes + atomic.keys[0].bytes + atomic.accumulator.bytes, 0u);
+  EXPECT_EQ(atomic.coefficients.bytes + atomic.keys[0].bytes + atomic.accumulator.bytes, 0u);
 
   msda::Problem half = pr;
   half.value_dtype = DType::bf16;
@@ -144,10 +162,10 @@ TEST(CudaPlan, WorkspaceHoldsWhatEachPassNeedsAndNothingElse) {
   pf.grad_value = pf.grad_reference_points = pf.grad_logits = &wanted;
   const Workspace fused = msda::cuda::plan_workspace(pf, true, 64);
   expect_well_formed(fused);
-  EXPECT_EQ(fused.softmax.bytes, std::size_t(2 * 7 * 3) * 2 * 8);  // per head, in double
-  EXPECT_EQ(fused.samples.bytes, std::size_t(samples) * sizeof(msda::cuda::Place<double>));
+  EXPECT_EQ(fused.coefficients.bytes, records * 8);  // in double
+  EXPECT_EQ(fused.partials.bytes, chunks * 2 * 5 * 8);
   EXPECT_EQ(fused.weight_gradients.bytes, std::size_t(samples) * 8);
-  EXPECT_EQ(fused.reference_partials.bytes, std::size_t(2 * 7 * 3 * 2 * 4) * 8);
+  EXPECT_EQ(fused.reference_partials.bytes, std::size_t(samples) * 4 * 8);
 
   // Points per level: every per-sample region has K = 3 + 6 + 3 samples per head.
   msda::Problem v2 = make_problem(with_v2({2, 3, 5, 7, 1, {{6, 5}, {3, 3}, {2, 2}}}, {3, 6, 3}), {});
@@ -157,18 +175,18 @@ TEST(CudaPlan, WorkspaceHoldsWhatEachPassNeedsAndNothingElse) {
   const Workspace per_level = msda::cuda::plan_workspace(pv, true, 64);
   expect_well_formed(per_level);
   const std::size_t v2_samples = 2 * 7 * 3 * 12;
-  EXPECT_EQ(per_level.samples.bytes, v2_samples * sizeof(msda::cuda::Place<float>));
-  EXPECT_EQ(per_level.keys[0].bytes, v2_samples * 4);
+  EXPECT_EQ(per_level.keys[0].bytes, v2_samples * 4 * 4);
   EXPECT_EQ(per_level.weight_gradients.bytes, v2_samples * 4);
 }
 
-TEST(CudaPlan, SegmentStartsAndLevelLookups) {
-  const std::vector<std::uint32_t> keys = {0, 0, 2, 2, 2, 5, 7, 7};  // 7 = sentinel of 7 buckets
-  const std::int64_t expected[] = {0, 2, 2, 5, 5, 5, 6, 6};
-  for (std::int64_t k = 0; k <= 7; ++k) EXPECT_EQ(msda::cuda::segment_start(keys.data(), 8, k), expected[k]) << k;
-  const LevelGeometry levels[] = {{2, 3, 0, 0, 1, 0}, {1, 1, 6, 12, 4, 1}, {2, 2, 7, 16, 2, 5}};
-  const std::int64_t level_of[] = {0, 0, 0, 0, 0, 0, 1, 2, 2, 2, 2};
-  for (std::int64_t row = 0; row < 11; ++row) EXPECT_EQ(msda::cuda::level_of_row(levels, 3, row), level_of[row]);
+TEST(CudaPlan, LevelLookups) {
+  const LevelGeometry levels[] = {{2, 3, 0, 1, 0}, {1, 1, 6, 4, 1}, {2, 2, 7, 2, 5}};
+  const std::int64_t level_of_point[] = {0, 1, 1, 1, 1, 2, 2};
+  for (std::int64_t k = 0; k < 7; ++k)
+    EXPECT_EQ(msda::cuda::last_level_at_or_below(levels, 3, &LevelGeometry::point_start, k), level_of_point[k]);
+  const std::int64_t level_of_row[] = {0, 0, 0, 0, 0, 0, 1, 2, 2, 2, 2};
+  for (std::int64_t row = 0; row < 11; ++row)
+    EXPECT_EQ(msda::cuda::last_level_at_or_below(levels, 3, &LevelGeometry::start, row), level_of_row[row]);
 }
 
 // Points per level [1, 4, 2, 3]: a head's K = 10 samples are level 0's one, level 1's four, and
@@ -185,7 +203,7 @@ TEST(CudaPlan, SampleSitesFollowThePointsPerLevel) {
   }
   const std::int64_t level_of[] = {0, 1, 1, 1, 1, 2, 2, 3, 3, 3};
   const std::int64_t samples = 2 * 5 * 3 * 10;
-  EXPECT_EQ(msda::cuda::plan_buckets(p).samples, samples);
+  EXPECT_EQ(msda::cuda::plan_records(p).samples, samples);
   for (std::int64_t i = 0; i < samples; ++i) {
     const msda::cuda::SampleSite site = msda::cuda::site_of(i, levels.data(), p.L, p.K);
     EXPECT_EQ(site.head, i / 10) << i;
@@ -224,114 +242,6 @@ TEST(CudaPlan, DiscretePixelIndices) {
   EXPECT_FALSE((msda::cuda::pixel_at<float>(nan, 0.5, 5, 3).inside));
   EXPECT_FALSE((msda::cuda::pixel_at<float>(0.5, nan, 5, 3).inside));
   EXPECT_TRUE((msda::cuda::pixel_at<float>(-inf, -inf, 5, 3).inside));
-}
-
-// The deterministic grad_value on the host: keys, a stable sort, segment starts and the per-row
-// gather, with the kernels' own functions. It must equal the reference backend's grad_value.
-std::vector<double> bucketed_grad_value(const msda::Problem& problem, const Tensors& t) {
-  const msda::Params p = params_of(problem);
-  const std::vector<LevelGeometry> levels = msda::cuda::level_geometry(p);
-  const BucketPlan plan = msda::cuda::plan_buckets(p);
-  std::vector<double> u(plan.samples), v(plan.samples), a(plan.samples);
-  std::vector<std::int64_t> keys(plan.samples);
-  // The sample's corners as the kernels place it: u, v are x*W - 0.5 and y*H - 0.5, or for
-  // discrete sampling x*W + 0.5 and y*H + 0.5.
-  const double shift = p.discrete ? 0.5 : -0.5;
-  auto corners = [&](std::int64_t i, const LevelGeometry& g) {
-    return p.discrete ? msda::cuda::pixel_at<double>(u[i], v[i], g.height, g.width)
-                      : msda::cuda::corners_at<double>(u[i], v[i], g.height, g.width);
-  };
-  for (std::int64_t i = 0; i < plan.samples; ++i) {
-    const msda::cuda::SampleSite site = msda::cuda::site_of(i, levels.data(), p.L, p.K);
-    const LevelGeometry& g = levels[site.level];
-    u[i] = t.locations.get(2 * i) * double(g.width) + shift;
-    v[i] = t.locations.get(2 * i + 1) * double(g.height) + shift;
-    a[i] = t.weights.get(i);
-    const auto c = corners(i, g);
-    keys[i] = msda::cuda::sample_bucket(c, g, site.head / p.M / p.Q, site.head % p.M, p.M, plan.cells_per_head,
-                                        plan.buckets);
-  }
-  std::vector<std::int64_t> order(plan.samples);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](std::int64_t x, std::int64_t y) { return keys[x] < keys[y]; });
-  std::vector<std::int64_t> sorted(plan.samples);
-  for (std::int64_t i = 0; i < plan.samples; ++i) sorted[i] = keys[order[i]];
-  std::vector<std::int64_t> segments(plan.buckets + 1);
-  for (std::int64_t k = 0; k <= plan.buckets; ++k)
-    segments[k] = msda::cuda::segment_start(sorted.data(), plan.samples, k);
-
-  std::vector<double> grad(static_cast<std::size_t>(p.N * p.S * p.M * p.D), 0.0);
-  for (std::int64_t item = 0; item < p.N * p.S * p.M; ++item) {
-    const std::int64_t m = item % p.M, row = item / p.M % p.S, n = item / p.M / p.S;
-    const LevelGeometry& g = levels[msda::cuda::level_of_row(levels.data(), p.L, row)];
-    const std::int64_t h = (row - g.start) / g.width, w = (row - g.start) % g.width;
-    for (int corner = 0; corner < (p.discrete ? 1 : 4); ++corner) {  // discrete: the pixel alone
-      const int dh = corner >> 1, dw = corner & 1;
-      const std::int64_t bucket = msda::cuda::pixel_bucket(g, n, m, p.M, plan.cells_per_head, h, w, dh, dw);
-      for (std::int64_t i = segments[bucket]; i < segments[bucket + 1]; ++i) {
-        const std::int64_t id = order[i];
-        const auto c = corners(id, g);
-        EXPECT_TRUE(c.inside);
-        EXPECT_EQ(c.h0 + dh, h);
-        EXPECT_EQ(c.w0 + dw, w);
-        const double weight = a[id] * msda::cuda::corner_weight(c, dh, dw);
-        const std::int64_t head = msda::cuda::site_of(id, levels.data(), p.L, p.K).head;
-        for (std::int64_t d = 0; d < p.D; ++d) grad[item * p.D + d] += weight * t.grad_output.get(head * p.D + d);
-      }
-    }
-  }
-  return grad;
-}
-
-TEST(CudaBucketing, GatheredGradValueEqualsTheReference) {
-  struct Setup {
-    Shape shape;
-    Locations kind;
-  };
-  const Setup setups[] = {
-      {{2, 3, 5, 11, 4, {{7, 9}, {4, 5}, {1, 1}}}, Locations::mixed},
-      {{1, 2, 3, 40, 3, {{3, 3}}}, Locations::cluster},       // heavy collisions
-      {{1, 1, 2, 9, 2, {{8, 8}, {4, 4}}}, Locations::edges},  // the range rule's borders
-      {{3, 2, 1, 5, 1, {{1, 1}, {2, 1}}}, Locations::wide},   // tiny maps, samples fully outside
-      {{1, 2, 4, 30, 5, {{16, 8}}}, Locations::centres},      // integer corners
-      {with_v2({2, 3, 5, 11, 1, {{7, 9}, {4, 5}, {1, 1}}}, {3, 6, 3}), Locations::mixed},
-      {with_v2({1, 2, 3, 9, 1, {{8, 8}, {4, 4}, {2, 2}, {1, 2}}}, {1, 4, 2, 3}), Locations::edges},
-      // Discrete: one pixel per sample, on boundaries (centres and edges are whole t = x*W + 0.5
-      // on power-of-two maps), clamped from far outside, and NaN.
-      {with_v2({2, 3, 5, 11, 1, {{8, 4}, {4, 2}, {1, 2}}}, {3, 6, 3}, msda::Sampling::discrete), Locations::mixed},
-      {with_v2({1, 2, 3, 20, 1, {{8, 8}, {2, 4}}}, {2, 3}, msda::Sampling::discrete), Locations::centres},
-      {with_v2({1, 2, 3, 20, 1, {{8, 8}, {2, 4}}}, {4, 1}, msda::Sampling::discrete), Locations::edges},
-      {with_v2({1, 2, 3, 20, 4, {{3, 5}}}, {}, msda::Sampling::discrete), Locations::nonfinite},
-      {with_v2({1, 2, 3, 40, 3, {{3, 3}}}, {}, msda::Sampling::discrete), Locations::cluster},
-  };
-  std::uint64_t index = 0;
-  for (const Setup& s : setups) {
-    const Case c = make_case(s.shape, {DType::f64, DType::f64, DType::f64}, s.kind, case_seed(index++));
-    SCOPED_TRACE(c.label);
-    Results expected(c.problem);
-    msda::Options options;
-    options.backend = msda::Backend::reference;
-    msda::backward(c.problem, c.tensors.inputs(), c.tensors.grad_output.data(),
-                   {expected.grad_value.data(), nullptr, nullptr}, options);
-    EXPECT_TRUE(close(bucketed_grad_value(c.problem, c.tensors), expected.grad_value.to_double(), 1e-12));
-  }
-}
-
-TEST(CudaBucketing, OutOfRangeSamplesSortLastAndAreNeverGathered) {
-  const msda::Problem pr = make_problem({1, 1, 1, 1, 3, {{2, 2}}}, {});
-  const msda::Params p = params_of(pr);
-  const BucketPlan plan = msda::cuda::plan_buckets(p);
-  const LevelGeometry g = msda::cuda::level_geometry(p)[0];
-  const double nan = std::numeric_limits<double>::quiet_NaN();
-  for (const auto& [u, v] : {std::pair{nan, 0.5}, std::pair{-1.0, 0.0}, std::pair{0.0, 2.0}, std::pair{1e300, 0.0}}) {
-    const auto c = msda::cuda::corners_at<double>(u, v, 2, 2);
-    EXPECT_FALSE(c.inside);
-    EXPECT_EQ(msda::cuda::sample_bucket(c, g, 0, 0, 1, plan.cells_per_head, plan.buckets), plan.buckets);
-  }
-  // Just inside the range rule: the top-left corner is (-1, -1), bucket 0.
-  const auto c = msda::cuda::corners_at<double>(-0.5, -0.5, 2, 2);
-  EXPECT_TRUE(c.inside);
-  EXPECT_EQ(msda::cuda::sample_bucket(c, g, 0, 0, 1, plan.cells_per_head, plan.buckets), 0);
 }
 
 // What a build or machine without the cuda backend says when asked for it.

@@ -214,6 +214,13 @@ struct CudaOptions {
   // fixed by a stable sort, so the backward is bitwise reproducible. false: float atomicAdd
   // scatters, whose order (and so rounding) varies from run to run; an ablation, not a default.
   bool deterministic = true;
+  // The device the pointers live on and the kernels run on; -1: the current device of msda's own
+  // CUDA runtime. msda links its runtime statically, so a framework's runtime (torch's) keeps its
+  // own current device: a framework passes the device of its tensors here.
+  int device = -1;
+  // false: the caller vouches that every pointer is memory of `device` (a framework that has
+  // checked its tensors' devices), which saves a cudaPointerGetAttributes per pointer per call.
+  bool check_pointers = true;
 };
 
 struct Options {

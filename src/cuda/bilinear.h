@@ -1,6 +1,6 @@
 // SPEC's bilinear sample as the cuda kernels compute it, in functions that compile for the host
-// too: the CPU test suite runs the same arithmetic (the bucketing of the deterministic backward
-// included) where no GPU is, and compares it with the reference backend.
+// too: the CPU test suite runs the same arithmetic where no GPU is, and compares it with the
+// reference backend.
 #pragma once
 
 #include <cmath>
@@ -82,15 +82,6 @@ MSDA_HD A corner_weight(const Corners<A>& c, int dh, int dw) {
   return (dh ? c.lh : c.hh) * (dw ? c.lw : c.hw);
 }
 
-// What the deterministic grad_value keeps of an in-range sample between bucketing and gathering:
-// its interpolation fractions, weight, and the head (row of grad_output, in units of D) it reads.
-// The bucket already says which corner a pixel is, so the gather never recomputes a floor.
-template <class A>
-struct Place {
-  A lh, lw, a;
-  std::int64_t head;
-};
-
 // The last of the levels levels[0, L) whose `field` (a start, increasing with the level) is <= x.
 template <class Level>
 MSDA_HD std::int64_t last_level_at_or_below(const Level* levels, std::int64_t L, std::int64_t Level::*field,
@@ -116,27 +107,6 @@ struct SampleSite {
 template <class Level>
 MSDA_HD SampleSite site_of(std::int64_t sample, const Level* levels, std::int64_t L, std::int64_t K) {
   return {sample / K, last_level_at_or_below(levels, L, &Level::point_start, sample % K)};
-}
-
-// The first sorted position of bucket k: a lower bound in the sorted keys. One thread per bucket
-// and no atomics; buckets + 1 of them give every segment [start(k), start(k+1)).
-template <class Key>
-MSDA_HD std::int64_t segment_start(const Key* sorted_keys, std::int64_t samples, std::int64_t bucket) {
-  std::int64_t lo = 0, hi = samples;
-  while (lo < hi) {
-    const std::int64_t mid = lo + (hi - lo) / 2;
-    if (static_cast<std::int64_t>(sorted_keys[mid]) < bucket)
-      lo = mid + 1;
-    else
-      hi = mid;
-  }
-  return lo;
-}
-
-// The level holding row `row` of value: the last level whose start is <= row.
-template <class Level>
-MSDA_HD std::int64_t level_of_row(const Level* levels, std::int64_t L, std::int64_t row) {
-  return last_level_at_or_below(levels, L, &Level::start, row);
 }
 
 }  // namespace msda::cuda

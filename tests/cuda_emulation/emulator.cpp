@@ -59,12 +59,14 @@ class Warp {
     }
   }
 
-  std::uint64_t exchange(std::uint64_t bits, int offset) {
+  std::uint64_t exchange(std::uint64_t bits, int offset) { return read_lane(bits, current_ ^ offset); }
+
+  // Every lane posts `bits` and reads what lane `partner` posted.
+  std::uint64_t read_lane(std::uint64_t bits, int partner) {
     const int lane = current_;
     slots_[lane] = bits;
     sequence_[lane] = ++shuffles_[lane];
     wait();
-    const int partner = lane ^ offset;
     if (sequence_[partner] != sequence_[lane]) ++faults;  // lanes at different shuffles
     const std::uint64_t theirs = slots_[partner];
     wait();
@@ -119,6 +121,7 @@ void run(std::int64_t blocks, int threads, const std::function<void()>& body) {
 }
 
 std::uint64_t exchange(std::uint64_t bits, int offset) { return warp().exchange(bits, offset); }
+std::uint64_t read_lane(std::uint64_t bits, int lane) { return warp().read_lane(bits, lane & (kLanes - 1)); }
 
 std::int64_t faults() { return warp().faults; }
 void reset_faults() { warp().faults = 0; }

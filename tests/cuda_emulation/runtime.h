@@ -24,10 +24,14 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(threads)
+#define __launch_bounds__(...)
 
 struct dim3 {
   unsigned x = 1, y = 1, z = 1;
+};
+// CUDA's 16-byte vector type, which the kernels load channels through.
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
 };
 
 namespace msda_emulator {
@@ -42,6 +46,8 @@ void run(std::int64_t blocks, int threads, const std::function<void()>& body);
 
 // The value of `bits` (sizeof <= 8) held by lane (this lane ^ offset) of the calling thread's warp.
 std::uint64_t exchange(std::uint64_t bits, int offset);
+// The value of `bits` held by lane `lane` of the calling thread's warp.
+std::uint64_t read_lane(std::uint64_t bits, int lane);
 
 // Shuffles some lane of a warp did not take part in (divergence: undefined on a GPU), since the
 // last reset.
@@ -63,6 +69,19 @@ T __shfl_xor_sync(unsigned /*mask: the full warp, always*/, T value, int offset)
   std::uint64_t bits = 0;
   std::memcpy(&bits, &value, sizeof(T));
   bits = msda_emulator::exchange(bits, offset);
+  std::memcpy(&value, &bits, sizeof(T));
+  return value;
+}
+
+// CUDA's __shfl_sync: within each segment of `width` lanes (a power of two), the value of lane
+// `source` of the segment.
+template <class T>
+T __shfl_sync(unsigned /*mask: the full warp, always*/, T value, int source, int width = 32) {
+  static_assert(sizeof(T) <= 8);
+  std::uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  const int lane = static_cast<int>(threadIdx.x) & 31;
+  bits = msda_emulator::read_lane(bits, (lane & ~(width - 1)) + (source & (width - 1)));
   std::memcpy(&value, &bits, sizeof(T));
   return value;
 }
@@ -100,7 +119,7 @@ inline __half __float2half_rn(float x) { return {msda::float_to_f16(x).bits}; }
 
 struct CUstream_st;
 using cudaStream_t = CUstream_st*;
-enum cudaError_t { cudaSuccess = 0, cudaErrorMemoryAllocation = 2 };
+enum cudaError_t { cudaSuccess = 0, cudaErrorMemoryAllocation = 2, cudaErrorInvalidDevice = 101 };
 enum cudaMemcpyKind { cudaMemcpyHostToHost = 0, cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2 };
 enum cudaMemoryType { cudaMemoryTypeUnregistered = 0, cudaMemoryTypeHost = 1, cudaMemoryTypeDevice = 2, cudaMemoryTypeManaged = 3 };
 struct cudaPointerAttributes {
@@ -117,6 +136,7 @@ inline cudaError_t cudaGetDevice(int* device) {
   *device = 0;
   return cudaSuccess;
 }
+inline cudaError_t cudaSetDevice(int device) { return device == 0 ? cudaSuccess : cudaErrorInvalidDevice; }
 inline cudaError_t cudaGetDeviceCount(int* count) {
   *count = 1;
   return cudaSuccess;
