@@ -187,4 +187,82 @@ TEST(CudaDevice, EmptyProblemsZeroTheGradients) {
   for (double x : r.grad_value.to_double()) EXPECT_EQ(x, 0.0);
 }
 
+// A forward and a deterministic backward captured in a CUDA graph (stream capture, as
+// torch.cuda.graph does), replayed after the inputs are overwritten in place: the replay must give
+// the bits an eager call gives on the new inputs. A call that read host memory after returning,
+// synchronised, or allocated outside the stream's order would fail the capture or the replay.
+TEST(CudaDevice, CapturedGraphsReplayWithNewInputs) {
+  REQUIRE_GPU();
+  for (bool fused_shapes : {false, true}) {
+    const Case c = make_case(fused_shapes ? with_v2({2, 4, 32, 300, 1, {{16, 16}, {8, 8}, {4, 4}}}, {4, 2, 6})
+                                          : Shape{2, 4, 32, 300, 4, {{16, 16}, {8, 8}}},
+                             {}, Locations::mixed, case_seed(1));
+    const Case fresh = make_case(fused_shapes ? with_v2({2, 4, 32, 300, 1, {{16, 16}, {8, 8}, {4, 4}}}, {4, 2, 6})
+                                              : Shape{2, 4, 32, 300, 4, {{16, 16}, {8, 8}}},
+                                 {}, Locations::cluster, case_seed(2));
+    SCOPED_TRACE(c.label);
+    DeviceCase device(c.problem, c.tensors);
+    cudaStream_t stream;
+    ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+    msda::Options options = cuda_options();
+    options.cuda.stream = stream;
+    const std::size_t bytes = msda::workspace_size(c.problem, msda::Pass::backward, options);
+    DeviceBuffer workspace(bytes);
+    options.cuda.workspace = workspace.data();
+    options.cuda.workspace_bytes = bytes;
+    const msda::Inputs inputs{device.value.data(), device.locations.data(), device.weights.data()};
+    const msda::Gradients gradients{device.grad_value.data(), device.grad_locations.data(),
+                                    device.grad_weights.data()};
+
+    cudaGraph_t graph;
+    ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    msda::forward(c.problem, inputs, device.output.data(), options);
+    msda::backward(c.problem, inputs, device.grad_output.data(), gradients, options);
+    ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+    cudaGraphExec_t exec;
+    ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+
+    // New inputs in the same memory, then the replay.
+    for (auto [to, from] : {std::pair{&device.value, &fresh.tensors.value}, {&device.locations, &fresh.tensors.locations},
+                            {&device.weights, &fresh.tensors.weights}, {&device.grad_output, &fresh.tensors.grad_output}})
+      ASSERT_EQ(cudaMemcpy(to->data(), from->data(), from->bytes(), cudaMemcpyHostToDevice), cudaSuccess);
+    for (DeviceBuffer* b : {&device.output, &device.grad_value, &device.grad_locations, &device.grad_weights})
+      b->poison();
+    ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    Results replayed(c.problem), eager(c.problem);
+    device.output.copy_to(replayed.output);
+    device.grad_value.copy_to(replayed.grad_value);
+    device.grad_locations.copy_to(replayed.grad_locations);
+    device.grad_weights.copy_to(replayed.grad_weights);
+    device.run(c.problem, eager, options);
+    EXPECT_TRUE(replayed.output.same_bytes(eager.output));
+    EXPECT_TRUE(replayed.grad_value.same_bytes(eager.grad_value));
+    EXPECT_TRUE(replayed.grad_locations.same_bytes(eager.grad_locations));
+    EXPECT_TRUE(replayed.grad_weights.same_bytes(eager.grad_weights));
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    cudaStreamDestroy(stream);
+  }
+}
+
+// A failed call (here a workspace no device can hold) is an exception, and the next call works:
+// msda clears the error it reported instead of leaving it for every later launch to find.
+TEST(CudaDevice, AFailedCallLeavesTheNextOneWorking) {
+  REQUIRE_GPU();
+  const Case c = make_case({1, 2, 8, 50, 4, {{8, 8}, {4, 4}}}, {}, Locations::unit, case_seed(0));
+  DeviceCase device(c.problem, c.tensors);
+  Results before(c.problem), after(c.problem);
+  device.run(c.problem, before, cuda_options());
+  // A problem whose workspace (sorted records of 2^33 samples) no GPU holds: cudaMallocAsync fails.
+  msda::Problem huge = c.problem;
+  huge.queries = std::int64_t(1) << 31;
+  EXPECT_ANY_THROW(msda::backward(huge, {device.value.data(), device.locations.data(), device.weights.data()},
+                                  device.grad_output.data(), {device.grad_value.data(), nullptr, nullptr},
+                                  cuda_options()));
+  device.run(c.problem, after, cuda_options());
+  EXPECT_TRUE(before.output.same_bytes(after.output));
+  EXPECT_TRUE(before.grad_value.same_bytes(after.grad_value));
+}
+
 }  // namespace
