@@ -1,5 +1,6 @@
-// The CPU backend's techniques switched one at a time, against the gather floor, on one of
-// SPEC's workloads: what each technique buys, measured in one run (medians of --repeats).
+// The CPU backend's techniques switched one at a time, against the gather floor and the
+// backward's floor, on one of SPEC's workloads: what each technique buys, measured in one run
+// (medians of --repeats).
 //
 //   msda_ablation [--workload ddetr-enc] [--locations encoder|decoder|random] [--dtype f32|bf16]
 //                 [--threads 2] [--repeats 7]
@@ -10,6 +11,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <stdexcept>
 #include <string>
@@ -206,6 +208,61 @@ struct SortedFloor {
   }
 };
 
+// The backward's floor (issue 24), defined like the forward's: grad_value zeroed once (a parallel
+// memset of the whole tensor, which the backward must write anyway), then, for each (batch, head),
+// the same corner rows of value read and the same rows of grad_value read-modified-written
+// (grad_row += value_row: the load, the add and the store, no weights and no geometry), in address
+// order. The per-sample location and weight gradients read the same value rows the scatter does
+// and only add dot products, so this is what any backward of these samples must move. `sparse`
+// counts each distinct row once (the decoders' case: a row's corners summed in registers, one
+// read-modify-write per touched row).
+struct BackwardFloor {
+  const SortedFloor& rows;
+  std::vector<std::vector<std::int64_t>> distinct;  // per head: each touched row once
+  bool sparse;
+
+  BackwardFloor(const SortedFloor& sorted_rows, bool distinct_rows) : rows(sorted_rows), sparse(distinct_rows) {
+    if (!sparse) return;
+    for (const auto& offsets : rows.offsets_per_head) {
+      distinct.emplace_back(offsets);
+      distinct.back().erase(std::unique(distinct.back().begin(), distinct.back().end()), distinct.back().end());
+    }
+  }
+
+  typedef float Vec16 __attribute__((vector_size(64)));
+
+#if defined(__x86_64__)
+  __attribute__((target("avx512f")))
+#endif
+  static void add_rows(const float* value, float* grad, const std::vector<std::int64_t>& offsets) {
+    for (const std::int64_t off : offsets) {
+      Vec16 v0, v1, g0, g1;  // D == 32
+      __builtin_memcpy(&v0, value + off, sizeof(v0));
+      __builtin_memcpy(&v1, value + off + 16, sizeof(v1));
+      __builtin_memcpy(&g0, grad + off, sizeof(g0));
+      __builtin_memcpy(&g1, grad + off + 16, sizeof(g1));
+      g0 += v0;
+      g1 += v1;
+      __builtin_memcpy(grad + off, &g0, sizeof(g0));
+      __builtin_memcpy(grad + off + 16, &g1, sizeof(g1));
+    }
+  }
+
+  void run(const float* value, float* grad, std::size_t grad_elements, int threads) const {
+    constexpr std::size_t kRun = std::size_t(1) << 14;
+    const std::size_t runs = (grad_elements + kRun - 1) / kRun;
+    const auto& per_head = sparse ? distinct : rows.offsets_per_head;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+      for (std::size_t r = 0; r < runs; ++r)
+        std::memset(grad + r * kRun, 0, sizeof(float) * std::min(kRun, grad_elements - r * kRun));
+#pragma omp for schedule(dynamic)
+      for (std::size_t head = 0; head < per_head.size(); ++head) add_rows(value, grad, per_head[head]);
+    }
+  }
+};
+
 }  // namespace
 
 int main(int argc, char** argv) try {
@@ -248,14 +305,26 @@ int main(int argc, char** argv) try {
   const std::vector<double> loc = msda::workloads::to_double(data.locations.data(), p.location_dtype, 2 * samples);
   const GatherFloor floor(p, loc, 1);
   std::vector<SortedFloor> sorted;
+  std::deque<BackwardFloor> backward_floors;  // rows hold references: no reallocation
   if (floor.available()) {
     rows.push_back({"gather floor: the direct walk's rows in its order (query by query, all heads), running sum",
                     [&] { sink = floor.run(value, threads); }, nullptr});
+    sorted.reserve(2);
     for (bool head_major : {false, true}) sorted.emplace_back(p, loc, value, head_major);
     for (const SortedFloor& s : sorted)
       rows.push_back({std::string("hardware floor: each head's rows in address order") +
                           (s.head_major ? ", from a head-major [N, M, S, D] copy" : ""),
                       [&] { sink = s.run(value, threads); }, nullptr});
+    // The backward's floors, in the backward column (the forward column times the memset alone).
+    for (bool sparse : {false, true}) {
+      backward_floors.emplace_back(sorted[0], sparse);
+      const BackwardFloor& f = backward_floors.back();
+      rows.push_back({sparse ? "backward floor, sparse: grad_value zeroed, each touched row read-modify-written once"
+                             : "backward floor: grad_value zeroed, every corner's value row read and grad_value row "
+                               "read-modify-written, each head in address order",
+                      [&] { std::memset(gv.data(), 0, sizeof(float) * gv.size()); },
+                      [&] { f.run(value, gv.data(), gv.size(), threads); }});
+    }
   }
 
   auto variant = [&](std::string name, msda::Options o) {
