@@ -21,8 +21,6 @@
 #include <tuple>
 #include <vector>
 
-#include "cuda_emulation/emulated_backend.h"
-#include "cuda_emulation/runtime.h"
 #include "test_support.h"
 
 namespace msda_test {
@@ -866,44 +864,6 @@ TEST(FusedValidation, DescribeFused) {
   EXPECT_TRUE(throws_naming(
       [&] { msda::describe_fused(sizes(), shapes, starts, DType::f32, DType::f64, DType::f32, DType::f32); },
       {"reference_points"}));
-}
-
-// ---- the cuda backend's fused kernels, run on the CPU (tests/cuda_emulation/) ----------------
-
-void run_fused_emulated(const FusedCase& c, FusedResults& r) {
-  r.poison();
-  msda::Params p = msda::cuda_emulation::params_for(c.problem);
-  p.fused = true;
-  p.value = c.tensors.value.data();
-  p.reference_points = c.tensors.reference.data();
-  p.locations = c.tensors.offsets.data();
-  p.weights = c.tensors.logits.data();
-  msda::Params forward = p;
-  forward.output = r.output.data();
-  msda::cuda_emulation::forward(forward);
-  p.grad_output = c.tensors.grad_output.data();
-  p.grad_value = r.grad_value.data();
-  p.grad_reference_points = r.grad_reference.data();
-  p.grad_offsets = r.grad_offsets.data();
-  p.grad_logits = r.grad_logits.data();
-  msda::cuda_emulation::backward(p);
-}
-
-TEST(FusedCudaEmulated, EveryMixCoordinateCountAndDrawMatchesTheReference) {
-  msda_emulator::reset_faults();
-  std::uint64_t index = 0;
-  for (const FusedDTypes& mix : fused_mixes())
-    for (std::int64_t coords : {2, 4})
-      for (Draw draw : {Draw::local, Draw::nonfinite, Draw::boundaries}) {
-        if (draw == Draw::boundaries && coords == 4) continue;
-        const FusedCase c =
-            make_fused_case(fused_shape(2, 2, 8, 5, 3, {{4, 6}, {2, 3}}, coords), mix, draw, case_seed(index++));
-        SCOPED_TRACE(c.label);
-        FusedResults got(c.problem);
-        run_fused_emulated(c, got);
-        expect_close(got, truth_of(c), "cuda (emulated)");
-      }
-  EXPECT_EQ(msda_emulator::faults(), 0) << "a warp shuffle some lanes did not reach";
 }
 
 }  // namespace

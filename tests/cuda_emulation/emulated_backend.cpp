@@ -4,7 +4,9 @@
 #include "emulated_backend.h"
 
 #define MSDA_CUDA_NAMESPACE msda::cuda_emulation
+// The kernel's arguments copied into the launch, as CUDA copies a kernel's parameters: a captured
+// launch runs at each replay, after the caller's variables are gone.
 #define MSDA_CUDA_LAUNCH(kernel, blocks, threads, stream, ...) \
-  ::msda_emulator::run((blocks), (threads), [&] { kernel(__VA_ARGS__); })
+  ::msda_emulator::launch((blocks), (threads), (stream), [=] { kernel(__VA_ARGS__); })
 
 #include "cuda/backend.inl"
