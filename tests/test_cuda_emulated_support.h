@@ -64,12 +64,6 @@ void expect_matches_reference(const Case& c, const Results& got);
 
 // ---- the fused op ----
 
-struct FusedDTypes {
-  DType value = DType::f32, reference = DType::f32, offset = DType::f32, logit = DType::f32;
-};
-std::string to_string(const FusedDTypes& d);
-// Every mix SPEC allows (25): value f32, f64, bf16 or f16; each of the other three value's or f32.
-const std::vector<FusedDTypes>& fused_mixes();
 
 // How reference points, offsets and logits are drawn.
 enum class Draw {

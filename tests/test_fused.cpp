@@ -60,31 +60,6 @@ FusedShape fused_shape(std::int64_t n, std::int64_t m, std::int64_t d, std::int6
   return s;
 }
 
-struct FusedDTypes {
-  DType value = DType::f32, reference = DType::f32, offset = DType::f32, logit = DType::f32;
-};
-
-std::string to_string(const FusedDTypes& d) {
-  return std::string(msda::name(d.value)) + "_ref" + std::string(msda::name(d.reference)) + "_off" +
-         std::string(msda::name(d.offset)) + "_logit" + std::string(msda::name(d.logit));
-}
-
-// Every mix SPEC allows: value in {f32, f64, bf16, f16}; each of the other three value's or f32.
-const std::vector<FusedDTypes>& fused_mixes() {
-  static const std::vector<FusedDTypes> all = [] {
-    std::vector<FusedDTypes> out;
-    for (DType v : {DType::f32, DType::f64, DType::bf16, DType::f16}) {
-      std::vector<DType> others = {v};
-      if (v != DType::f32) others.push_back(DType::f32);
-      for (DType r : others)
-        for (DType o : others)
-          for (DType l : others) out.push_back({v, r, o, l});
-    }
-    return out;
-  }();
-  return all;
-}
-
 msda::Problem make_fused_problem(const FusedShape& shape, const FusedDTypes& d) {
   msda::Problem p;
   p.batch = shape.batch;

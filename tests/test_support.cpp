@@ -533,4 +533,24 @@ const std::vector<DTypes>& dtype_mixes() {
   return all;
 }
 
+std::string to_string(const FusedDTypes& d) {
+  return std::string(msda::name(d.value)) + "_ref" + std::string(msda::name(d.reference)) + "_off" +
+         std::string(msda::name(d.offset)) + "_logit" + std::string(msda::name(d.logit));
+}
+
+const std::vector<FusedDTypes>& fused_mixes() {
+  static const std::vector<FusedDTypes> all = [] {
+    std::vector<FusedDTypes> out;
+    for (DType v : {DType::f32, DType::f64, DType::bf16, DType::f16}) {
+      std::vector<DType> others = {v};
+      if (v != DType::f32) others.push_back(DType::f32);
+      for (DType r : others)
+        for (DType o : others)
+          for (DType l : others) out.push_back({v, r, o, l});
+    }
+    return out;
+  }();
+  return all;
+}
+
 }  // namespace msda_test

@@ -181,4 +181,12 @@ const std::vector<msda::Isa>& cpu_isas();
 // stand alone (delimited by non-alphanumerics), so "D" does not match "value_dtype".
 bool names_one_of(const std::string& argument, const std::vector<std::string>& names);
 
+// The fused op's dtypes: value's, then reference_points', sampling_offsets', attention_logits'.
+struct FusedDTypes {
+  DType value = DType::f32, reference = DType::f32, offset = DType::f32, logit = DType::f32;
+};
+std::string to_string(const FusedDTypes& d);
+// Every mix SPEC allows (25): value f32, f64, bf16 or f16; each of the other three value's or f32.
+const std::vector<FusedDTypes>& fused_mixes();
+
 }  // namespace msda_test
