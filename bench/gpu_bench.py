@@ -6,28 +6,41 @@ For every workload and dtype, first a check: the output and the three gradients 
 deterministic backward, run twice: the two must be bitwise equal, and its atomicAdd backward)
 against the grid-sample path in float64 on the same rounded inputs; the largest relative error is
 printed, and the exit status is 1 if it breaks SPEC's bound (1e-5 float32, 1e-2 bfloat16) or the
-two deterministic runs differ. Then the medians (CUDA events, after warm-up) of the forward and of
+two deterministic runs differ. (The checks run msda through autograd: msda.ms_deform_attn and
+torch.autograd.grad.) Then the medians (CUDA events, after warm-up) of the forward and of
 forward+backward (all three gradients) for:
 
-- msda: msda.ms_deform_attn on CUDA, deterministic backward (the default);
-- msda atomic: the same with msda.set_cuda_deterministic(False), grad_value by float atomicAdd
-  (an ablation: the forward is the same kernel, so its column there shows the timing noise);
+- msda: msda's ops called directly, the way ddetr-cuda is, so that neither pays for autograd:
+  forward = torch.ops.msda.ms_deform_attn(value, spatial_shapes, level_start_index,
+  sampling_locations, attention_weights); forward+backward = that forward, then
+  torch.ops.msda.ms_deform_attn_backward(grad_output, value, ..., attention_weights,
+  [True, True, True]) (which samples again: it needs no forward output). Both under
+  torch.no_grad() on tensors that do not require grad: the dispatcher still passes through msda's
+  autograd kernel, which then builds no graph. Deterministic backward (the default);
+- msda atomic: the same calls with msda.set_cuda_deterministic(False), grad_value by float
+  atomicAdd (an ablation: the forward is the same kernel, so its column there shows the timing
+  noise);
 - grid-sample: msda.ms_deform_attn_pytorch, which computes a bfloat16 value in float32 (as
   autocast runs grid_sample in float32) and gets spatial_shapes as a CPU tensor (as models pass
-  a list), so that it needs no device-to-host copy;
+  a list), so that it needs no device-to-host copy. Through autograd, the only way it has a
+  backward: forward under torch.no_grad(), forward+backward = the forward on leaves that require
+  grad, then torch.autograd.grad of the three. Its column therefore includes autograd's overhead
+  (small beside its own time);
 - ddetr-cuda: Deformable DETR's own CUDA kernel (the MultiScaleDeformableAttention extension of its
   models/ops), the baseline of issue 11's targets, float32 rows only (it has no bfloat16), where
-  that extension imports: scripts/gpu-check.sh builds it from build-ddetr/src when present. It is
-  called directly (no autograd: that overhead counts against msda only), forward+backward being
-  its forward then its backward, with im2col_step = the batch. Its output and gradients are checked
-  against the same float64 reference and the error printed, never failing the run: it is a
-  baseline. A last line per workload says whether issue 11's targets hold on float32: msda's
-  forward at least 2x and forward+backward at least 3x faster than ddetr-cuda.
+  that extension imports: scripts/gpu-check.sh builds it from build-ddetr/src when present. Called
+  directly like msda (same helper, under torch.no_grad()): forward = its ms_deform_attn_forward,
+  forward+backward = that, then its ms_deform_attn_backward (which, like msda's, samples again),
+  with im2col_step = the batch. Its output and gradients are checked against the same float64
+  reference and the error printed, never failing the run: it is a baseline. A last line per
+  workload says whether issue 11's targets hold on float32: msda's forward at least 2x and
+  forward+backward at least 3x faster than ddetr-cuda.
 
 msda GB/s counts the bytes of the tensors the op must read or write at least once: value,
 sampling_locations, attention_weights and the output; for forward+backward also grad_output and
-the three gradients (each once, though a real backward reads the inputs again). "% peak" is that
-over the GPU's memory bandwidth: --peak-gbs, else a datasheet figure looked up by the GPU's name,
+the three gradients (each once, though a real backward reads the inputs again), over msda's
+(direct) time. Every row (workload, dtype, pass) has its own. "% peak" is that over the GPU's
+memory bandwidth: --peak-gbs, else a datasheet figure looked up by the GPU's name,
 else the memory clock and bus width the driver reports.
 
     PYTHONPATH=build/python python bench/gpu_bench.py [--quick] [--workloads rtdetr-dec,bev-sca]
@@ -63,6 +76,17 @@ TARGETS = {"forward": 2.0, "forward+backward": 3.0}
 DDETR_TRUSTED = 1e-3
 DDETR_HOWTO = ("put a copy of github.com/fundamentalvision/Deformable-DETR (or its models/ops) in build-ddetr/src "
                "and run scripts/gpu-check.sh, which builds it into build-ddetr/lib and puts that on PYTHONPATH")
+
+# How each column is timed (printed, and written to the JSON); the module docstring says more.
+TIMING = {
+    "msda": "torch.ops.msda.ms_deform_attn, then ms_deform_attn_backward (all 3 gradients), called directly "
+            "under torch.no_grad() (no autograd); deterministic backward",
+    "msda atomic": "as msda, with msda.set_cuda_deterministic(False)",
+    "grid-sample": "msda.ms_deform_attn_pytorch through autograd (torch.autograd.grad of the 3 inputs): "
+                   "it has no backward of its own",
+    "ddetr-cuda": "MultiScaleDeformableAttention.ms_deform_attn_forward, then ms_deform_attn_backward, called "
+                  "directly under torch.no_grad(), im2col_step = the batch",
+}
 
 # Datasheet memory bandwidths (GB/s), matched against torch.cuda.get_device_name() in this order.
 PEAK_GBS_BY_NAME = [
@@ -136,7 +160,18 @@ class Problem:
         return self.value, self.loc, self.weights
 
     def msda(self, v, l, a):
+        """Through autograd (the checks)."""
         return msda.ms_deform_attn(v, self.shapes, self.starts, l, a)
+
+    def msda_forward(self):
+        """msda's forward op, called directly as ddetr_forward is (the timings)."""
+        return torch.ops.msda.ms_deform_attn(self.value, self.shapes, self.starts, self.loc, self.weights)
+
+    def msda_backward(self):
+        """(grad_value, grad_sampling_locations, grad_attention_weights) from msda's backward op, called
+        directly; like ddetr_backward it needs no forward output: it samples again."""
+        return torch.ops.msda.ms_deform_attn_backward(self.grad, self.value, self.shapes, self.starts, self.loc,
+                                                      self.weights, [True, True, True])
 
     def grid_sample(self, v, l, a):
         return msda.ms_deform_attn_pytorch(v, self.shapes_cpu, l, a)
@@ -223,7 +258,24 @@ def median_ms(fn, repeats, warmup, budget_s):
     return statistics.median(s.elapsed_time(e) for s, e in events), count
 
 
-def timed_calls(p, path, pass_name):
+def direct_calls(forward, backward, pass_name):
+    """The timed call of msda and ddetr-cuda alike: their ops called directly under torch.no_grad(),
+    the forward, or the forward then the backward (neither backward takes the forward's output)."""
+    if pass_name == "forward":
+        def forward_only():
+            with torch.no_grad():
+                forward()
+        return forward_only
+
+    def forward_backward():
+        with torch.no_grad():
+            forward()
+            backward()
+    return forward_backward
+
+
+def autograd_calls(p, path, pass_name):
+    """The timed call of the grid-sample path, which has no backward but autograd's."""
     if pass_name == "forward":
         def forward():
             with torch.no_grad():
@@ -236,28 +288,20 @@ def timed_calls(p, path, pass_name):
     return forward_backward
 
 
-def ddetr_calls(p, pass_name):
-    if pass_name == "forward":
-        return p.ddetr_forward
-
-    def forward_backward():
-        p.ddetr_forward()
-        p.ddetr_backward()
-    return forward_backward
-
-
 def measure(p, args):
     """Rows of one workload and dtype: forward and forward+backward, all paths."""
     error, atomic_error, bitwise, ddetr_error = check(p)
     rows = []
     for pass_name, moved in (("forward", p.forward_bytes()), ("forward+backward", p.backward_bytes())):
         times = {}
-        for name, path, deterministic in (("msda", p.msda, True), ("msda atomic", p.msda, False),
-                                          ("grid-sample", p.grid_sample, True)):
+        for name, deterministic in (("msda", True), ("msda atomic", False)):
             with backward_mode(deterministic):
-                times[name] = median_ms(timed_calls(p, path, pass_name), args.repeats, args.warmup, args.budget)
+                times[name] = median_ms(direct_calls(p.msda_forward, p.msda_backward, pass_name), args.repeats,
+                                        args.warmup, args.budget)
+        times["grid-sample"] = median_ms(autograd_calls(p, p.grid_sample, pass_name), args.repeats, args.warmup,
+                                         args.budget)
         ddetr_ms, ddetr_count = (None, None) if p.ddetr is None else median_ms(
-            ddetr_calls(p, pass_name), args.repeats, args.warmup, args.budget)
+            direct_calls(p.ddetr_forward, p.ddetr_backward, pass_name), args.repeats, args.warmup, args.budget)
         rows.append({
             "workload": p.workload.name, "shape": p.workload.describe(), "dtype": _dtype_name(p.dtype),
             "pass": pass_name, "bytes": moved,
@@ -405,6 +449,8 @@ def main(argv=None):
           + (f"{peak:.0f} GB/s from {peak_source}" if peak else f"n/a: {peak_source}")
           + f"), torch {info['torch']}, CUDA {info['cuda']}, msda {info['msda']}; medians of up to {args.repeats} "
           f"calls (CUDA events) after {args.warmup} warm-up", flush=True)
+    for name, how in TIMING.items():
+        print(f"gpu_bench: {name} timed as {how}", flush=True)
     if ddetr:
         print(f"gpu_bench: ddetr-cuda (the baseline of issue 11's targets) from {ddetr.__file__}", flush=True)
     else:
@@ -432,7 +478,7 @@ def main(argv=None):
     print(format_targets(targets, ddetr_missing))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": info, "arguments": {k: v for k, v in vars(args).items()
+            json.dump({"machine": info, "timing": TIMING, "arguments": {k: v for k, v in vars(args).items()
                                                       if k not in ("workload_list", "dtype_list")},
                        "rows": rows, "targets": targets}, f, indent=2)
         print(f"wrote {args.json}")

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The whole GPU check on a machine with an NVIDIA GPU, the CUDA toolkit (nvcc) and a Python with
 # torch, and no network: builds msda with its CUDA backend into build-gpu/, runs the GPU tests
-# (CTest's CUDA tests, tests/python/test_cuda.py) and prints bench/gpu_bench.py's table for every
-# named workload (also written to build-gpu/gpu-bench.json). Meant to finish within 8 minutes on
-# one GPU; each phase prints its seconds.
+# (CTest's CUDA tests; a few of the C++ device tests again under compute-sanitizer's memcheck,
+# racecheck and initcheck, where the toolkit has it; tests/python/test_cuda.py) and prints
+# bench/gpu_bench.py's table for every named workload (also written to build-gpu/gpu-bench.json):
+# per workload, dtype and pass (forward, forward+backward) the times of msda and the baselines, and
+# msda's achieved bandwidth (GB/s) and its share of the GPU's peak. Meant to finish within 8
+# minutes on one GPU; each phase prints its seconds.
 #
 # Issue 11's speed targets are against Deformable DETR's own CUDA kernel, which this repository may
 # not vendor: where its source is at build-ddetr/src (ignored by git; the whole repository or just
@@ -105,6 +108,88 @@ cpp_cuda_tests() {
   ctest --test-dir "$build" -R '[Cc][Uu][Dd][Aa]' --no-tests=error --output-on-failure -j"$(nproc)"
 }
 
+# The C++ device tests (tests/cuda/, gtest suite CudaDevice) are built into msda_tests, beside the
+# host tests; msda_cuda_emulated_tests runs on the host and has nothing for a sanitizer to see.
+# Sanitizers slow kernels 10-100x and the whole check has 8 minutes, so each tool runs a few small
+# tests picked for what it finds (a filter, not all of CudaDevice), under a timeout. Left out
+# everywhere: HostPointersAreAnErrorNamingTheArgument and AFailedCallLeavesTheNextOneWorking, whose
+# failing CUDA calls (on purpose) each tool would report as errors. Test names of suite CudaDevice.
+declare -A sanitizer_tests=(
+  # Out-of-bounds and misaligned accesses, and (--leak-check full) device memory never freed: every
+  # dtype mix, forward and deterministic backward, on odd shapes (lane tails, 1x1 levels, 257
+  # queries); empty problems (no queries); points per level (RT-DETRv2's v2 attention) and a
+  # forward+backward captured in a CUDA graph and replayed.
+  [memcheck]="EveryDtypeMixMatchesTheReference EmptyProblemsZeroTheGradients CapturedGraphsReplayWithNewInputs"
+  # Shared-memory hazards, which only the block-cooperative code has: the deterministic backward's
+  # radix sort at a size that takes several blocks (f32 and bf16 value), and the atomic backward;
+  # then the same passes on the caller's stream and workspace.
+  [racecheck]="BackwardIsBitwiseRepeatableAndAtomicsAgree CallersStreamAndWorkspace"
+  # Reads of device memory nothing wrote: the workspace (stream-ordered allocation, or the caller's
+  # fresh cudaMalloc) must be written before it is read; every dtype mix; the graph replay.
+  [initcheck]="EveryDtypeMixMatchesTheReference CallersStreamAndWorkspace CapturedGraphsReplayWithNewInputs"
+)
+
+# find_sanitizer: prints compute-sanitizer's path, or nothing. Found like nvcc: on PATH, else
+# beside nvcc (CUDACXX or PATH's, which check_machine ensured; and where a link named nvcc points),
+# else the toolkit's usual home. A toolkit's bin/compute-sanitizer is a link into its
+# compute-sanitizer/ folder, which some installs leave out.
+find_sanitizer() {
+  local nvcc dirs=() n dir
+  if command -v compute-sanitizer; then
+    return 0
+  fi
+  nvcc=$(command -v "${CUDACXX:-nvcc}" || true)
+  for n in ${nvcc:+"$nvcc" "$(readlink -f "$nvcc")"}; do
+    dirs+=("$(dirname "$n")" "$(dirname "$(dirname "$n")")/compute-sanitizer")
+  done
+  for dir in "${dirs[@]}" /usr/local/cuda/bin /usr/local/cuda/compute-sanitizer; do
+    if [[ -x $dir/compute-sanitizer ]]; then
+      echo "$dir/compute-sanitizer"
+      return 0
+    fi
+  done
+  return 0
+}
+
+# Each tool with --error-exitcode 1: any report it makes fails the script, as a failed test does.
+cpp_cuda_sanitizers() {
+  if ((cpp_tests == 0)); then
+    echo "skipped: built without GoogleTest"
+    return
+  fi
+  local sanitizer tests=$build/tests/msda_tests tool names filter listed rc args
+  sanitizer=$(find_sanitizer)
+  if [[ -z $sanitizer ]]; then
+    echo "skipped: compute-sanitizer not found (not on PATH, nor beside nvcc, nor in /usr/local/cuda);" \
+      "it comes with the full CUDA toolkit"
+    return
+  fi
+  [[ -x $tests ]] || die "$tests not found: the C++ CUDA tests are no longer built there (see tests/CMakeLists.txt)"
+  "$sanitizer" --version | tail -n 1
+  for tool in memcheck racecheck initcheck; do
+    read -r -a names <<<"${sanitizer_tests[$tool]}"
+    filter=$(printf 'CudaDevice.%s:' "${names[@]}")
+    filter=${filter%:}
+    # A renamed or removed test must not leave a tool checking nothing: every name must be there.
+    listed=$("$tests" --gtest_list_tests --gtest_filter="$filter" | grep -c '^  ' || true)
+    ((listed == ${#names[@]})) ||
+      die "$tool: $listed of the ${#names[@]} tests of its filter exist ($filter): update sanitizer_tests"
+    echo "-- $tool: $filter"
+    args=(--tool "$tool" --error-exitcode 1)
+    if [[ $tool == memcheck ]]; then
+      args+=(--leak-check full)
+    fi
+    # The timeout keeps a sanitizer that crawls inside the 8 minutes; -k ends it if it ignores TERM.
+    rc=0
+    timeout -k 10 120 "$sanitizer" "${args[@]}" "$tests" --gtest_filter="$filter" || rc=$?
+    if ((rc == 124 || rc == 137)); then
+      die "$tool: not done after 120 s (sanitizers slow kernels 10-100x): choose smaller tests in sanitizer_tests"
+    elif ((rc != 0)); then
+      die "$tool: reported errors or a failed test (exit status $rc), see above"
+    fi
+  done
+}
+
 # patched_copy OPS COPY: Deformable DETR's 2020 sources pass Tensor::type() to
 # AT_DISPATCH_FLOATING_TYPES, which newer torch rejects (no conversion from DeprecatedTypeProperties
 # to ScalarType). So they are built from a copy with the current spellings of the same calls
@@ -178,6 +263,7 @@ phase "configure ($build)" configure
 phase "build" build_msda
 phase "Deformable DETR's CUDA extension (baseline, optional)" build_ddetr
 phase "C++ CUDA tests (ctest -R cuda)" cpp_cuda_tests
+phase "C++ CUDA tests under compute-sanitizer (memcheck, racecheck, initcheck)" cpp_cuda_sanitizers
 phase "Python CUDA tests (tests/python/test_cuda.py)" python_cuda_tests
 phase "benchmark (bench/gpu_bench.py)" benchmark
 

@@ -149,6 +149,7 @@ void zero(const Params& params, void* pointer, std::size_t bytes) {
 
 bool cuda_built() noexcept { return cuda::built(); }
 bool cuda_available() noexcept { return cuda::available(); }
+bool cuda_stream_capturing(void* stream) noexcept { return cuda::stream_capturing(stream); }
 
 namespace {
 

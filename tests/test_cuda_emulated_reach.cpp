@@ -494,7 +494,11 @@ TEST_F(CudaEmulatedRuntime, CaptureRecordsWorkAndRefusesWhatAGraphCannotHold) {
   cudaStream_t stream = test_stream();
   std::vector<float> device(8, 1.0f), host(8, 2.0f);
   int runs = 0;
+  EXPECT_FALSE(msda::cuda_emulation::stream_capturing(stream));
   ASSERT_EQ(msda_emulator::begin_capture(stream), cudaSuccess);
+  // What the PyTorch op asks before it would copy an index tensor to the host.
+  EXPECT_TRUE(msda::cuda_emulation::stream_capturing(stream));
+  EXPECT_FALSE(msda::cuda_emulation::stream_capturing(nullptr)) << "another stream";
   EXPECT_EQ(msda_emulator::begin_capture(stream), cudaErrorIllegalState);
   (void)cudaGetLastError();
   msda_emulator::launch(1, 32, stream, [&runs] {
@@ -514,6 +518,7 @@ TEST_F(CudaEmulatedRuntime, CaptureRecordsWorkAndRefusesWhatAGraphCannotHold) {
   EXPECT_EQ(device[0], 1.0f) << "a captured memset ran at capture";
   msda_emulator::Graph graph = msda_emulator::end_capture();
   ASSERT_EQ(graph.status(), cudaSuccess);
+  EXPECT_FALSE(msda::cuda_emulation::stream_capturing(stream));
   device[6] = 7.0f;
   ASSERT_EQ(graph.replay(), cudaSuccess);
   ASSERT_EQ(graph.replay(), cudaSuccess);

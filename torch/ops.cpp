@@ -2,6 +2,8 @@
 // (devices, dtypes that have no msda::DType, index tensors); every size rule is the core's.
 #include "ops.h"
 
+#include "host_indices.h"
+
 #include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <c10/core/DeviceGuard.h>
@@ -28,14 +30,6 @@ DType dtype_of(const at::Tensor& t, const char* argument) {
     case at::kHalf: return DType::f16;
     default: throw Error(argument, "a floating dtype (float32, float64, bfloat16 or float16)", str(t.scalar_type()));
   }
-}
-
-// The shapes are read on the host (the core checks them before any kernel runs): for CUDA
-// tensors that is a small device-to-host copy, which waits for the stream.
-at::Tensor index_tensor(const at::Tensor& t, const char* argument) {
-  if (t.scalar_type() != at::kLong && t.scalar_type() != at::kInt)
-    throw Error(argument, "an integer tensor (int64 or int32)", str(t.scalar_type()));
-  return t.to(at::kCPU, at::kLong).contiguous();
 }
 
 // Devices (all value's, and one msda has a kernel for) and the defined-ness of every tensor.
@@ -76,8 +70,8 @@ Prepared prepare(const at::Tensor& value, const at::Tensor& spatial_shapes, cons
                         {&level_start_index, "level_start_index"},
                         {&sampling_locations, "sampling_locations"},
                         {&attention_weights, "attention_weights"}});
-  const at::Tensor shapes = index_tensor(spatial_shapes, "spatial_shapes");
-  const at::Tensor starts = index_tensor(level_start_index, "level_start_index");
+  const at::Tensor shapes = host_indices(spatial_shapes, "spatial_shapes");
+  const at::Tensor starts = host_indices(level_start_index, "level_start_index");
   TensorSizes sizes{value.sizes().vec(), shapes.sizes().vec(), starts.sizes().vec(),
                     sampling_locations.sizes().vec(), attention_weights.sizes().vec()};
   Prepared p;
@@ -108,8 +102,8 @@ PreparedFused prepare_fused(const at::Tensor& value, const at::Tensor& spatial_s
                         {&reference_points, "reference_points"},
                         {&sampling_offsets, "sampling_offsets"},
                         {&attention_logits, "attention_logits"}});
-  const at::Tensor shapes = index_tensor(spatial_shapes, "spatial_shapes");
-  const at::Tensor starts = index_tensor(level_start_index, "level_start_index");
+  const at::Tensor shapes = host_indices(spatial_shapes, "spatial_shapes");
+  const at::Tensor starts = host_indices(level_start_index, "level_start_index");
   FusedTensorSizes sizes{value.sizes().vec(),          shapes.sizes().vec(),           starts.sizes().vec(),
                          reference_points.sizes().vec(), sampling_offsets.sizes().vec(), attention_logits.sizes().vec()};
   PreparedFused p;
@@ -158,6 +152,10 @@ class Runner {
     if (!value.is_cuda()) return;
     options_.backend = Backend::cuda;
     options_.cuda.stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(value.device()).native_handle();
+    // msda's own (static) CUDA runtime does not know torch's current device: name it. check_devices
+    // has put every tensor on it, so msda need not ask the driver where each pointer lives.
+    options_.cuda.device = value.device().index();
+    options_.cuda.check_pointers = false;
     // torch.use_deterministic_algorithms(True) wins over msda's own switch: no atomics then.
     options_.cuda.deterministic = cuda_deterministic.load() || at::globalContext().deterministicAlgorithms();
     const std::size_t bytes = workspace_size(problem, what, options_);

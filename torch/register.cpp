@@ -5,6 +5,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "host_indices.h"
 #include "ops.h"
 
 namespace msda::torch_ops {
@@ -226,6 +227,8 @@ TORCH_LIBRARY(msda, m) {
   // Process-wide switches and facts, no tensors: catch-all kernels.
   m.def("_set_cuda_deterministic(bool deterministic) -> bool", &msda::torch_ops::set_cuda_deterministic);
   m.def("_cuda_built() -> bool", &msda::torch_ops::cuda_built);
+  // For the tests: an index tensor through the host-copy cache, and whether that was a hit.
+  m.def("_host_indices_cached(Tensor t) -> (Tensor, bool)", &msda::torch_ops::host_indices_cached);
 }
 
 // CompositeExplicitAutograd: one kernel for every device, so a tensor on a device msda has no

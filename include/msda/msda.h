@@ -145,6 +145,10 @@ std::string_view name(Backend backend) noexcept;
 // CUDA device is visible). Asking for Backend::cuda in a build without it is an Error.
 bool cuda_built() noexcept;
 bool cuda_available() noexcept;
+// Whether `stream` (a cudaStream_t; null: the legacy default stream) is being captured into a
+// CUDA graph. A framework asks before it copies device memory to the host, which a capture
+// forbids. false in a build without the cuda backend, and where the runtime cannot tell.
+bool cuda_stream_capturing(void* stream) noexcept;
 
 // The instruction set of the cpu backend's kernels. `best` is the widest this CPU supports;
 // asking for one it or the build lacks (an Arm one on x86, or the reverse) is an Error. Results

@@ -1060,6 +1060,15 @@ bool available() noexcept {
   return any;
 }
 
+bool stream_capturing(void* stream) noexcept {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(static_cast<cudaStream_t>(stream), &status) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  return status != cudaStreamCaptureStatusNone;
+}
+
 std::size_t workspace_size(const Params& params, bool backward) {
   return plan_workspace(params, backward, backward ? sort_scratch_for(params) : 0).total;
 }

@@ -10,6 +10,7 @@ namespace msda::cuda {
 
 bool built() noexcept;
 bool available() noexcept;  // built, and a CUDA device is visible
+bool stream_capturing(void* stream) noexcept;
 
 // Bytes of workspace one call needs (plan.h's Workspace::total, with the sort's scratch asked of
 // the device). `backward` with params' gradient pointers set as the call will have them.

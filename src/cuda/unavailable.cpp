@@ -14,6 +14,7 @@ namespace {
 
 bool built() noexcept { return false; }
 bool available() noexcept { return false; }
+bool stream_capturing(void*) noexcept { return false; }
 std::size_t workspace_size(const Params&, bool) { refuse(); }
 void forward(const Params&) { refuse(); }
 void backward(const Params&) { refuse(); }

@@ -19,6 +19,7 @@ inline Params params_for(const Problem& problem) {
 
 bool built() noexcept;
 bool available() noexcept;
+bool stream_capturing(void* stream) noexcept;
 std::size_t workspace_size(const Params& params, bool backward);
 void fill_zeros(const Params& params, void* pointer, std::size_t bytes);
 void forward(const Params& params);

@@ -562,6 +562,142 @@ def _call(prob):
     return msda.ms_deform_attn(*(prob[k] for k in ORDER))
 
 
+# ---- no host synchronisation per call; CUDA graphs ---------------------------------------------
+
+def _graph_problem(seed, dtype=F32):
+    return on(make_problem(n=2, q=50, m=4, d=8, shapes=[(10, 12), (5, 6), (3, 3)], p=4, dtype=dtype,
+                           lo=-0.05, hi=1.05, seed=seed))
+
+
+def _leaves(prob, keys):
+    return {k: prob[k].detach().clone().requires_grad_() for k in keys}
+
+
+def test_no_host_sync_once_the_shapes_are_known():
+    """The first call copies spatial_shapes and level_start_index to the host; later calls with
+    the same (unchanged) tensors read msda's copy: no device-to-host copy, no stream
+    synchronisation, in the forward, the backward and the fused op. torch's sync debug mode makes
+    any synchronising call an error."""
+    prob = _graph_problem(1)
+    grad = grad_output_for(prob).to(DEVICE)
+    fused = on(fused_problem(coords=4, dtype=F32, seed=3))
+    fused_grad = torch.randn(2, 6, 12, device=DEVICE)
+    plain, fused_leaves = _leaves(prob, DIFF_KEYS), _leaves(fused, FUSED_DIFF)
+
+    def step():
+        out = msda.ms_deform_attn(plain["value"], prob["spatial_shapes"], prob["level_start_index"],
+                                  plain["sampling_locations"], plain["attention_weights"])
+        torch.autograd.grad(out, list(plain.values()), grad)
+        out = msda.ms_deform_attn_fused(fused_leaves["value"], fused["spatial_shapes"], fused["level_start_index"],
+                                        fused_leaves["reference_points"], fused_leaves["sampling_offsets"],
+                                        fused_leaves["attention_logits"])
+        torch.autograd.grad(out, list(fused_leaves.values()), fused_grad)
+
+    step()
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
+def test_shapes_changed_in_place_are_honoured():
+    """msda keeps the host copy by tensor and version: an in-place write makes it read them again."""
+    prob = on(make_problem(n=1, q=6, m=2, d=4, shapes=[(3, 4), (2, 5)], p=2, dtype=F32, seed=3))
+    first = _call(prob)
+    prob["spatial_shapes"][0] = torch.tensor([4, 3], device=DEVICE)
+    second = _call(prob)
+    fresh = _call(dict(prob, spatial_shapes=torch.tensor([[4, 3], [2, 5]], device=DEVICE)))
+    assert_bitwise(second, fresh, "output after the in-place write")
+    assert not torch.equal(second, first)
+
+
+def test_cuda_graph_replays_with_new_inputs_equal_eager():
+    """torch.cuda.graph captures forward and backward (plain op: the deterministic grad_value's
+    sort, chunk sums and combine included); replays with new inputs copied into the captured
+    tensors give eager's results bit for bit."""
+    static = _graph_problem(2)
+    leaves = _leaves(static, DIFF_KEYS)
+    static_grad = grad_output_for(static).to(DEVICE)
+    args = lambda: (leaves["value"], static["spatial_shapes"], static["level_start_index"],  # noqa: E731
+                    leaves["sampling_locations"], leaves["attention_weights"])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up, as torch.cuda.graph asks: it also makes msda read the shapes
+        for _ in range(2):
+            torch.autograd.grad(msda.ms_deform_attn(*args()), list(leaves.values()), static_grad)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = msda.ms_deform_attn(*args())
+        static_grads = torch.autograd.grad(static_out, list(leaves.values()), static_grad)
+    for seed in (5, 6):
+        fresh = _graph_problem(seed)
+        fresh_grad = grad_output_for(fresh, seed=seed).to(DEVICE)
+        with torch.no_grad():
+            for k in DIFF_KEYS:
+                leaves[k].copy_(fresh[k])
+            static_grad.copy_(fresh_grad)
+        graph.replay()
+        want, want_grads = run_op(fresh, fresh_grad)
+        assert_bitwise(static_out.detach(), want, f"replayed output, seed {seed}")
+        for k, g in zip(DIFF_KEYS, static_grads):
+            assert_bitwise(g, want_grads[k], f"replayed grad {k}, seed {seed}")
+
+
+class _Attention(torch.nn.Module):
+    """The shapes as buffers, as a model keeps them: cudagraph trees pass buffers as they are
+    (static inputs), so the op sees in the capture the tensors it read in the warm-up."""
+
+    def __init__(self, prob):
+        super().__init__()
+        self.register_buffer("spatial_shapes", prob["spatial_shapes"].clone())
+        self.register_buffer("level_start_index", prob["level_start_index"].clone())
+
+    def forward(self, value, locations, weights):
+        return msda.ms_deform_attn(value, self.spatial_shapes, self.level_start_index, locations, weights) * 2
+
+
+def test_compile_reduce_overhead_equals_eager():
+    """torch.compile(mode="reduce-overhead") runs the op inside CUDA graphs (cudagraph trees);
+    every call, with new inputs, equals eager bit for bit."""
+    module = _Attention(_graph_problem(0))
+    compiled = torch.compile(module, mode="reduce-overhead", fullgraph=True)
+    for seed in range(1, 5):
+        prob = _graph_problem(seed)
+        args = (prob["value"], prob["sampling_locations"], prob["attention_weights"])
+        got = compiled(*args).clone()
+        assert_bitwise(got, module(*args), f"call {seed}")
+
+
+def test_capturing_with_shapes_msda_has_not_read_is_a_clear_error():
+    """Reading a new spatial_shapes would need a device-to-host copy, which a capture forbids:
+    the op says so, naming the argument, instead of failing inside CUDA."""
+    prob = _graph_problem(7)
+    unseen = {k: prob[k].clone() for k in ("spatial_shapes", "level_start_index")}
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError) as e:
+        with torch.cuda.graph(graph):
+            _call(dict(prob, **unseen))
+    _assert_names(e.value, ["spatial_shapes"])
+    assert "capture" in str(e.value), str(e.value)
+    torch.cuda.synchronize()
+    assert_bitwise(_call(dict(prob, **unseen)), _call(prob), "the op works after the refused capture")
+
+
+def test_patched_models_reuse_their_index_tensors():
+    """msda.patch's functions make spatial_shapes and level_start_index from transformers' list of
+    (H, W) once per list and device, so that the op finds its host copy on every later call."""
+    from msda.integrations.transformers import _index_tensors
+    shapes = [(10, 12), (5, 6)]
+    first = _index_tensors(shapes, DEVICE)
+    again = _index_tensors([list(s) for s in shapes], DEVICE)
+    assert first[0] is again[0] and first[1] is again[1]
+    assert first[0].tolist() == [[10, 12], [5, 6]] and first[1].tolist() == [0, 120]
+
+
 def _assert_names(exc, names):
     msg = str(exc)
     assert "expected" in msg and "got" in msg, msg

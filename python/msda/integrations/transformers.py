@@ -53,10 +53,35 @@ def _start_index(shapes: torch.Tensor) -> torch.Tensor:
     return torch.cat((shapes.new_zeros((1,)), shapes.prod(1).cumsum(0)[:-1]))
 
 
-def _shapes_tensor(shapes, device) -> torch.Tensor:
+# The (spatial_shapes, level_start_index) tensors made from a list of (H, W), per device: the same
+# two tensors for every call with the same list. The op reads a GPU tensor's shapes on the host
+# once and then keeps them by the tensor's identity and version (torch/host_indices.cpp), so
+# reusing the tensors means no device-to-host copy and no stream synchronisation per call, which
+# is also what lets a patched model run inside a captured CUDA graph. Nothing may write to them.
+_INDEX_TENSORS: Dict[Tuple[Tuple[Tuple[int, int], ...], torch.device], Tuple[torch.Tensor, torch.Tensor]] = {}
+_MAX_INDEX_TENSORS = 64
+
+
+def _index_tensors(shapes, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    key = (tuple((int(h), int(w)) for h, w in shapes), torch.device(device))
+    if torch.compiler.is_compiling() or key[1].type == "cpu":
+        # Traced code makes its own constants; on the CPU the op reads the tensor where it is.
+        made = torch.as_tensor(key[0], dtype=torch.int64, device=device).view(-1, 2)
+        return made, _start_index(made)
+    pair = _INDEX_TENSORS.get(key)
+    if pair is None:
+        if len(_INDEX_TENSORS) >= _MAX_INDEX_TENSORS:
+            _INDEX_TENSORS.pop(next(iter(_INDEX_TENSORS)))
+        made = torch.as_tensor(key[0], dtype=torch.int64, device=device).view(-1, 2)
+        pair = _INDEX_TENSORS[key] = (made, _start_index(made))
+    return pair
+
+
+def _shapes_and_starts(shapes, device) -> Tuple[torch.Tensor, torch.Tensor]:
     if isinstance(shapes, torch.Tensor):
-        return shapes.to(device=device, dtype=torch.int64)
-    return torch.as_tensor(list(shapes), dtype=torch.int64, device=device).view(-1, 2)
+        shapes = shapes.to(device=device, dtype=torch.int64)
+        return shapes, _start_index(shapes)
+    return _index_tensors(shapes, device)
 
 
 class MSDAMultiScaleDeformableAttention(nn.Module):
@@ -69,8 +94,9 @@ class MSDAMultiScaleDeformableAttention(nn.Module):
                 im2col_step: Optional[int] = None) -> torch.Tensor:
         # transformers computes both shape forms before the call; either alone is enough for msda.
         if value_spatial_shapes is None:
-            value_spatial_shapes = _shapes_tensor(value_spatial_shapes_list, value.device)
-        if level_start_index is None:
+            value_spatial_shapes, starts = _index_tensors(value_spatial_shapes_list, value.device)
+            level_start_index = starts if level_start_index is None else level_start_index
+        elif level_start_index is None:
             level_start_index = _start_index(value_spatial_shapes)
         return ms_deform_attn(value, value_spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
@@ -81,8 +107,8 @@ class MSDAMultiScaleDeformableAttention(nn.Module):
 def _msda_function(value, value_spatial_shapes, sampling_locations, attention_weights):
     """transformers' multi_scale_deformable_attention(value, shapes, locations, weights) of
     Mask2Former and OneFormer on msda's kernel; shapes is a list of (H, W) or an [L, 2] tensor."""
-    shapes = _shapes_tensor(value_spatial_shapes, value.device)
-    return ms_deform_attn(value, shapes, _start_index(shapes), sampling_locations, attention_weights)
+    shapes, starts = _shapes_and_starts(value_spatial_shapes, value.device)
+    return ms_deform_attn(value, shapes, starts, sampling_locations, attention_weights)
 
 
 def _msda_v2_function(value, value_spatial_shapes, sampling_locations, attention_weights, num_points_list,
@@ -92,8 +118,8 @@ def _msda_v2_function(value, value_spatial_shapes, sampling_locations, attention
     "default" (bilinear) or "discrete"."""
     if method not in ("default", "discrete"):
         raise ValueError(f'msda.patch: method: expected "default" or "discrete", got {method!r}')
-    shapes = _shapes_tensor(value_spatial_shapes, value.device)
-    return ms_deform_attn(value, shapes, _start_index(shapes), sampling_locations, attention_weights,
+    shapes, starts = _shapes_and_starts(value_spatial_shapes, value.device)
+    return ms_deform_attn(value, shapes, starts, sampling_locations, attention_weights,
                           points=[int(p) for p in num_points_list],
                           sampling="discrete" if method == "discrete" else "bilinear")
 
