@@ -286,7 +286,11 @@ int main(int argc, char** argv) try {
   const auto data = msda::workloads::generate(p, kind, 11);
   const std::int64_t L = p.num_levels(), samples = p.batch * p.queries * p.heads * L * p.points;
   const std::int64_t out_n = p.batch * p.queries * p.heads * p.channels;
-  std::vector<float> out(out_n), grad_out(out_n, 1.0f), gv(p.batch * p.value_len * p.heads * p.channels),
+  // grad_value 64-byte aligned, as PyTorch's CPU allocator aligns a tensor's memory.
+  const std::size_t gv_size = static_cast<std::size_t>(p.batch * p.value_len * p.heads * p.channels);
+  std::vector<float> gv_storage(gv_size + 16);
+  float* const gv_data = gv_storage.data() + (64 - reinterpret_cast<std::uintptr_t>(gv_storage.data()) % 64) % 64 / sizeof(float);
+  std::vector<float> out(out_n), grad_out(out_n, 1.0f),
       gl(2 * samples), gw(samples);
 
   std::printf("ablation: %s, %s locations, f32, %d threads, median of %d, every row timed in turn\n\n",
@@ -322,14 +326,14 @@ int main(int argc, char** argv) try {
       rows.push_back({sparse ? "backward floor, sparse: grad_value zeroed, each touched row read-modify-written once"
                              : "backward floor: grad_value zeroed, every corner's value row read and grad_value row "
                                "read-modify-written, each head in address order",
-                      [&] { std::memset(gv.data(), 0, sizeof(float) * gv.size()); },
-                      [&] { f.run(value, gv.data(), gv.size(), threads); }});
+                      [&] { std::memset(gv_data, 0, sizeof(float) * gv_size); },
+                      [&] { f.run(value, gv_data, gv_size, threads); }});
     }
   }
 
   auto variant = [&](std::string name, msda::Options o) {
     rows.push_back({std::move(name), [&, o] { msda::forward(p, data.inputs(), out.data(), o); },
-                    [&, o] { msda::backward(p, data.inputs(), grad_out.data(), {gv.data(), gl.data(), gw.data()}, o); }});
+                    [&, o] { msda::backward(p, data.inputs(), grad_out.data(), {gv_data, gl.data(), gw.data()}, o); }});
   };
   variant("default", msda::Options{threads});
   for (auto [staging, name] : {std::pair{msda::CpuTuning::Staging::copy, "staging=copy (each head's rows copied contiguous)"},
