@@ -279,6 +279,47 @@ TEST_F(CudaEmulated, CallersWorkspaceIsCheckedBeforeUse) {
 }
 
 
+// ---- the kernels compiled for D = 32 and K = 16 ----
+
+// D = 32 and K = L*P = 16 (4 levels of 4 points, 2 of 8, and points per level [3, 6, 3, 4]) run
+// the kernels compiled for those sizes (backend.inl, with_fixed_sizes) wherever value's rows are
+// 16-byte aligned and offsets fit 32 bits: the plain op for every dtype mix (f64 runs the general
+// kernels beside them), the fused op with 2 and 4 coordinates, the deterministic and the atomic
+// grad_value (the atomic variant keeps the general kernels: the comparison covers both).
+TEST_F(CudaEmulated, KernelsCompiledForD32AndK16MatchTheReference) {
+  const Shape shapes[] = {Shape{2, 3, 32, 7, 4, {{8, 4}, {4, 2}, {2, 2}, {1, 2}}},
+                          Shape{1, 2, 32, 9, 8, {{8, 8}, {2, 4}}},
+                          with_v2({1, 2, 32, 6, 1, {{8, 4}, {4, 2}, {2, 2}, {1, 1}}}, {3, 6, 3, 4})};
+  const FusedDTypes fused_mixes[] = {{DType::f32, DType::f32, DType::f32, DType::f32},
+                                     {DType::bf16, DType::f32, DType::f32, DType::f32},
+                                     {DType::f16, DType::f16, DType::f16, DType::f16}};
+  const DTypes few[] = {{DType::f32, DType::f32, DType::f32}, {DType::bf16, DType::f32, DType::f32},
+                        {DType::f16, DType::f16, DType::f16}};
+  std::uint64_t index = 0;
+  for (const Shape& shape : shapes) {
+    // Every mix on the first shape; the others vary the layout, a few mixes suffice there.
+    const std::vector<DTypes> mixes = &shape == &shapes[0] ? dtype_mixes() : std::vector<DTypes>(std::begin(few), std::end(few));
+    for (const DTypes& mix : mixes) {
+      const Case c = make_case(shape, mix, Locations::mixed, case_seed(index++));
+      SCOPED_TRACE(c.label);
+      for (bool deterministic : {true, false}) {
+        SCOPED_TRACE(deterministic ? "deterministic" : "atomic");
+        Results got(c.problem);
+        run_emulated(c.problem, c.tensors, got, {.deterministic = deterministic});
+        expect_matches_reference(c, got);
+      }
+    }
+    for (std::int64_t coords : {2, 4})
+      for (const FusedDTypes& mix : fused_mixes) {
+        const FusedCase c = make_fused_case(shape, coords, 0.5, mix, Draw::local, case_seed(index++));
+        SCOPED_TRACE(c.label);
+        FusedResults got(c.problem);
+        run_fused_emulated(c, got);
+        expect_fused_matches_reference(c, got);
+      }
+  }
+}
+
 // ---- the fused op: points per level, offset_scale and discrete sampling ----
 
 // The fused op with points per level: box offsets scaled by offset_scale / P_l (0.75 here, not

@@ -363,14 +363,16 @@ __global__ void upload_levels_kernel(LevelUpload upload, LevelGeometry* levels) 
   if (i < upload.count) levels[i] = upload.levels[i];
 }
 
-template <class V, bool Fused, int Vec, class I>
+template <class V, bool Fused, int Vec, class I, int kD, int kK>
 __global__ void __launch_bounds__(kBlockThreads, kForwardBlocksPerSM)
     forward_kernel(Shape s, SampleInputs in, const V* value, V* output, int lanes) {
   using A = typename MathOf<V>::type;
+  if constexpr (kD > 0) lanes = kD / Vec;  // compiled for Fixed<kD, kK> sizes: see with_fixed_sizes
+  const std::int64_t K = kK > 0 ? kK : s.K;
   const Group g = group_of(lanes);
   const std::int64_t heads = s.N * s.Q * s.M;
   const I row_stride = static_cast<I>(s.M * s.D);  // between rows of value for one head
-  const I D = static_cast<I>(s.D);
+  const I D = kD > 0 ? I(kD) : static_cast<I>(s.D);
   for (std::int64_t item = g.first; g.warp_has(item, heads); item += g.stride) {
     const bool active = item < heads;
     const std::int64_t head = active ? item : heads - 1;
@@ -383,12 +385,12 @@ __global__ void __launch_bounds__(kBlockThreads, kForwardBlocksPerSM)
       const I d = c0 + static_cast<I>(g.lane) * Vec;
       const bool reads = d < D;  // lanes past the head's channels stay in step, reading nothing
       A acc[Vec] = {};
-      for (std::int64_t base = 0; base < s.K; base += lanes) {
+      for (std::int64_t base = 0; base < K; base += lanes) {
         // This lane locates sample base + lane; the group then walks the batch in order.
         I row = 0, below = 0;
         int mask = 0;
         A weight[4] = {};
-        if (base + g.lane < s.K) {
+        if (base + g.lane < K) {
           const Located<A> at = locate<A, Fused>(s, in, softmax, head, base + g.lane);
           row = static_cast<I>(at.row);
           below = static_cast<I>(at.below);
@@ -396,7 +398,7 @@ __global__ void __launch_bounds__(kBlockThreads, kForwardBlocksPerSM)
 #pragma unroll
           for (int k4 = 0; k4 < 4; ++k4) weight[k4] = at.smp.a * corner_weight(at.c, k4 >> 1, k4 & 1);
         }
-        const int batch = static_cast<int>(s.K - base < lanes ? s.K - base : lanes);
+        const int batch = static_cast<int>(K - base < lanes ? K - base : lanes);
         for (int j = 0; j < batch; ++j) {
           const I r = from_lane(row, j, lanes), b = from_lane(below, j, lanes);
           const int bits = from_lane(mask, j, lanes);
@@ -455,16 +457,18 @@ __device__ __forceinline__ void store_index(void* p, bool wide, std::int64_t i, 
 // grad_output with the sample's four corner rows over their channels, the group sums them, and
 // the sample's owner lane turns them into dL/da, dL/du and dL/dv and writes its gradients and its
 // grad_value records.
-template <class V, bool Fused, bool Atomic, int Vec, class I>
+template <class V, bool Fused, bool Atomic, int Vec, class I, int kD, int kK>
 __global__ void __launch_bounds__(kBlockThreads, kGradientBlocksPerSM)
     sample_gradients_kernel(Shape s, SampleInputs in, const V* value, const V* grad_output,
                             SampleGradients<typename MathOf<V>::type> out, RecordsOut<typename MathOf<V>::type> records,
                             int lanes) {
   using A = typename MathOf<V>::type;
+  if constexpr (kD > 0) lanes = kD / Vec;  // as in forward_kernel
+  const std::int64_t K = kK > 0 ? std::int64_t(kK) : s.K;  // samples per head
   const Group g = group_of(lanes);
   const std::int64_t heads = s.N * s.Q * s.M;
   const I row_stride = static_cast<I>(s.M * s.D);
-  const I D = static_cast<I>(s.D);
+  const I D = kD > 0 ? I(kD) : static_cast<I>(s.D);
   const int corners = s.discrete ? 1 : 4;
   for (std::int64_t item = g.first; g.warp_has(item, heads); item += g.stride) {
     const bool active = item < heads;
@@ -477,9 +481,9 @@ __global__ void __launch_bounds__(kBlockThreads, kGradientBlocksPerSM)
     Softmax<A> softmax;
     if constexpr (Fused) softmax = head_softmax<A>(s, in.weights, head, g);
     A weighted_sum = 0;  // fused: this lane's share of sum_k a_k dL/da_k over the head's samples
-    for (std::int64_t base = 0; base < s.K; base += lanes) {
+    for (std::int64_t base = 0; base < K; base += lanes) {
       const std::int64_t k = base + g.lane;
-      const bool owns = k < s.K;
+      const bool owns = k < K;
       Located<A> at{};
       A weight[4] = {};  // atomic variant: a * the corner's bilinear weight
       if (owns) {
@@ -490,7 +494,7 @@ __global__ void __launch_bounds__(kBlockThreads, kGradientBlocksPerSM)
       }
       const I row = static_cast<I>(at.row), below = static_cast<I>(at.below);
       A mine[4] = {};  // the owner's dot(grad_output, corner row), summed over the group
-      const int batch = static_cast<int>(s.K - base < lanes ? s.K - base : lanes);
+      const int batch = static_cast<int>(K - base < lanes ? K - base : lanes);
       for (int j = 0; j < batch; ++j) {
         const I r = from_lane(row, j, lanes), b = from_lane(below, j, lanes);
         const int bits = from_lane(at.mask, j, lanes);
@@ -532,7 +536,7 @@ __global__ void __launch_bounds__(kBlockThreads, kGradientBlocksPerSM)
       // The owner's sample: dL/da = sum over corners of its weight * dot, dL/du and dL/dv from
       // the differences of the dots (SPEC "Backward"; an unread corner's dot is 0).
       const Corners<A>& c = at.c;
-      const std::int64_t sample = head * s.K + k;
+      const std::int64_t sample = head * K + k;
       A ga = 0, du = 0, dv = 0;
       if (c.inside) {
         if (s.discrete) {
@@ -606,8 +610,8 @@ __global__ void __launch_bounds__(kBlockThreads, kGradientBlocksPerSM)
       // samples it owns (it wrote their dL/da itself).
       weighted_sum = group_sum(weighted_sum, lanes);
       if (active && out.weights) {
-        for (std::int64_t k = g.lane; k < s.K; k += lanes) {
-          const std::int64_t sample = head * s.K + k;
+        for (std::int64_t k = g.lane; k < K; k += lanes) {
+          const std::int64_t sample = head * K + k;
           const A a = exp_of(load_real<A>(in.weights, s.weight_type, sample) - softmax.top) * softmax.scale;
           store_real(out.weights, s.weight_type, sample, a * (out.weight_gradients[sample] - weighted_sum));
         }
@@ -894,6 +898,26 @@ void with_layout(const ChannelMap& map, bool narrow, F&& f) {
   }
 }
 
+// Sizes compiled into a kernel (FlashAttention's traits): D channels per head and K = L*P samples
+// per head; 0 for either: read from the Shape at run time.
+template <int D, int K>
+struct Fixed {
+  static constexpr int d = D, k = K;
+};
+
+// The DETR family's common case gets kernels compiled for its sizes: D = 32 and K = 16 (4 levels
+// of 4 points: Deformable DETR, DINO, Mask2Former, RT-DETR's encoder-decoders at 4 levels), with
+// 16-byte vectors and 32-bit offsets. The group's lane count, the sample loop's trip count and
+// the channel loop are then constants: the loops unroll and every shuffle takes a constant lane.
+// Any other problem runs the same kernels with their sizes read at run time.
+template <int Vec, class I, class F>
+void with_fixed_sizes(const Params& p, const ChannelMap& map, F&& f) {
+  if constexpr (Vec > 1 && std::is_same_v<I, std::int32_t>) {
+    if (p.D == 32 && p.K == 16 && map.lanes == 32 / Vec) return f(Fixed<32, 16>{});
+  }
+  f(Fixed<0, 0>{});
+}
+
 // Everything both passes set up: the workspace and the level table on the device.
 struct Setup {
   Workspace layout;
@@ -927,12 +951,16 @@ void forward_typed(const Params& p) {
   auto* output = static_cast<V*>(p.output);
   with_layout<V>(map, narrow_indexing(p), [&](auto vector, auto index) {
     using I = decltype(index);
-    if (p.fused)
-      launch(shape, stream_of(p), forward_kernel<V, true, decltype(vector)::value, I>, setup.shape, setup.inputs,
-             value, output, map.lanes);
-    else
-      launch(shape, stream_of(p), forward_kernel<V, false, decltype(vector)::value, I>, setup.shape, setup.inputs,
-             value, output, map.lanes);
+    constexpr int kVec = decltype(vector)::value;
+    with_fixed_sizes<kVec, I>(p, map, [&](auto fixed) {
+      constexpr int kD = decltype(fixed)::d, kK = decltype(fixed)::k;
+      if (p.fused)
+        launch(shape, stream_of(p), forward_kernel<V, true, kVec, I, kD, kK>, setup.shape, setup.inputs, value, output,
+               map.lanes);
+      else
+        launch(shape, stream_of(p), forward_kernel<V, false, kVec, I, kD, kK>, setup.shape, setup.inputs, value,
+               output, map.lanes);
+    });
   });
 }
 
@@ -1007,10 +1035,10 @@ void backward_typed(const Params& p) {
     with_layout<V>(map, false, [&](auto vector, auto) {
       constexpr int kVec = decltype(vector)::value;
       if (p.fused)
-        launch(heads, stream, sample_gradients_kernel<V, true, true, kVec, std::int64_t>, setup.shape, setup.inputs,
-               value, grad_output, out, records, map.lanes);
+        launch(heads, stream, sample_gradients_kernel<V, true, true, kVec, std::int64_t, 0, 0>, setup.shape,
+               setup.inputs, value, grad_output, out, records, map.lanes);
       else
-        launch(heads, stream, sample_gradients_kernel<V, false, true, kVec, std::int64_t>, setup.shape,
+        launch(heads, stream, sample_gradients_kernel<V, false, true, kVec, std::int64_t, 0, 0>, setup.shape,
                setup.inputs, value, grad_output, out, records, map.lanes);
     });
     if (kStorageOnly)
@@ -1020,12 +1048,15 @@ void backward_typed(const Params& p) {
     with_layout<V>(map, narrow_indexing(p), [&](auto vector, auto index) {
       constexpr int kVec = decltype(vector)::value;
       using I = decltype(index);
-      if (p.fused)
-        launch(heads, stream, sample_gradients_kernel<V, true, false, kVec, I>, setup.shape, setup.inputs, value,
-               grad_output, out, records, map.lanes);
-      else
-        launch(heads, stream, sample_gradients_kernel<V, false, false, kVec, I>, setup.shape, setup.inputs, value,
-               grad_output, out, records, map.lanes);
+      with_fixed_sizes<kVec, I>(p, map, [&](auto fixed) {
+        constexpr int kD = decltype(fixed)::d, kK = decltype(fixed)::k;
+        if (p.fused)
+          launch(heads, stream, sample_gradients_kernel<V, true, false, kVec, I, kD, kK>, setup.shape, setup.inputs,
+                 value, grad_output, out, records, map.lanes);
+        else
+          launch(heads, stream, sample_gradients_kernel<V, false, false, kVec, I, kD, kK>, setup.shape, setup.inputs,
+                 value, grad_output, out, records, map.lanes);
+      });
     });
   }
   if (deterministic) {
