@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Sanitizer builds and runs, bounded for CI, each in its own build directory:
 #   1. build-asan: AddressSanitizer + UndefinedBehaviorSanitizer (+ LeakSanitizer): the C++ test
-#      suite (tests/msda_tests) and the example smoke tests.
+#      suite (tests/msda_tests), the emulated CUDA kernels (tests/msda_cuda_emulated_tests, ~1 min;
+#      ASan warns that it does not fully support the emulator's swapcontext, and has reported
+#      nothing false there) and the example smoke tests.
 #   2. build-tsan: ThreadSanitizer on the multi-threaded tests (Determinism*, *Thread*). GCC's
 #      libgomp is not TSan-instrumented (false positives), so this build links LLVM's OpenMP
 #      runtime (libomp, from libomp-14-dev) and runs with its TSan tool, Archer, which tells TSan
@@ -65,6 +67,11 @@ if [[ $status -eq 0 ]]; then
   timeout -k 10 1200 build-asan/tests/msda_tests --gtest_brief=1 2>&1 | tee build-asan/tests.log
   status=$?
   record "asan+ubsan C++ tests" $t $status "$(grep -Eo '[0-9]+ tests? from [0-9]+ test suites? ran' build-asan/tests.log | head -n 1)"
+  t=$SECONDS
+  timeout -k 10 600 build-asan/tests/msda_cuda_emulated_tests --gtest_brief=1 2>&1 | tee build-asan/cuda-emulated.log
+  status=$?
+  record "asan+ubsan emulated CUDA kernels" $t $status \
+    "$(grep -Eo '[0-9]+ tests? from [0-9]+ test suites? ran' build-asan/cuda-emulated.log | head -n 1)"
   t=$SECONDS
   ctest --test-dir build-asan -L smoke --output-on-failure >build-asan/smoke.log 2>&1
   status=$?
