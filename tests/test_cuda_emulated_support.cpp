@@ -71,6 +71,15 @@ void expect_matches_reference(const Case& c, const Results& got) {
   EXPECT_TRUE(got.guards_intact()) << "a result was written outside its buffer";
 }
 
+void expect_both_grad_values_match(const Case& c) {
+  for (bool deterministic : {true, false}) {
+    SCOPED_TRACE(deterministic ? "deterministic" : "atomic");
+    Results got(c.problem);
+    run_emulated(c.problem, c.tensors, got, {.deterministic = deterministic});
+    expect_matches_reference(c, got);
+  }
+}
+
 // ---- the fused op ----
 
 

@@ -50,6 +50,9 @@ msda::Params with_inputs(const msda::Problem& problem, const Tensors& tensors, c
 // Forward into r.output, then backward into the three gradients, r poisoned first.
 void run_emulated(const msda::Problem& problem, const Tensors& tensors, Results& r, const Run& how = {});
 
+// The case run with each grad_value (deterministic, then atomic), each against the reference.
+void expect_both_grad_values_match(const Case& c);
+
 // The reference backend in float64 on the widened inputs.
 Results truth_of(const Case& c);
 
