@@ -24,30 +24,37 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 started=$SECONDS
-# The flags of the library's own CUDA build that change code generation (CMakeLists.txt: C++20,
+# The flags of the library's own CUDA build that change code generation (CMakeLists.txt: C++17,
 # -O3); no -lineinfo or -G, which change register allocation.
-"$nvcc" -std=c++20 -O3 -arch="sm_$arch" -cubin -Xptxas -v -Iinclude -Isrc src/cuda/cuda.cu \
+"$nvcc" -std=c++17 -O3 -arch="sm_$arch" -cubin -Xptxas -v -Iinclude -Isrc src/cuda/cuda.cu \
   -o "$work/cuda.cubin" >"$work/ptxas.log" 2>&1 || { cat "$work/ptxas.log" >&2; exit 1; }
 
 python3 - "$work/ptxas.log" "$arch" <<'PY'
 import re, subprocess, sys
 
 log, arch = open(sys.argv[1]).read().splitlines(), sys.argv[2]
-kernels, current = [], None
+# Per entry: "Compiling entry function 'X'", then "Function properties for X" and its stack and
+# spill line, then "Used N registers". A device function ptxas did not inline has a "Function
+# properties for Y" block of its own: stack and spills go to the function the block names.
+kernels, by_name, entry, properties = [], {}, None, None
 for line in log:
     m = re.search(r"Compiling entry function '([^']+)'", line)
     if m:
-        current = {"mangled": m.group(1)}
-        kernels.append(current)
+        entry = {"mangled": m.group(1)}
+        kernels.append(entry)
+        by_name[m.group(1)] = entry
         continue
-    if current is None:
+    m = re.search(r"Function properties for (\S+)", line)
+    if m:
+        properties = by_name.get(m.group(1))
         continue
     m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-    if m:
-        current["stack"], current["stores"], current["loads"] = map(int, m.groups())
+    if m and properties is not None:
+        properties["stack"], properties["stores"], properties["loads"] = map(int, m.groups())
+        properties = None
     m = re.search(r"Used (\d+) registers", line)
-    if m:
-        current["registers"] = int(m.group(1))
+    if m and entry is not None:
+        entry["registers"] = int(m.group(1))
 
 names = subprocess.run(["c++filt"], input="\n".join(k["mangled"] for k in kernels), capture_output=True,
                        text=True, check=True).stdout.splitlines()
@@ -63,7 +70,8 @@ for k, name in zip(kernels, names):
     budgeted += held
     args = name[name.index("<") + 1:name.index(">(")] if ">(" in name else ""
     spills = k.get("stores", 0) + k.get("loads", 0)
-    bad = held and (spills > 0 or k.get("stack", 0) > 0)
+    # No properties line read for a held kernel: ptxas's output changed, and nothing was checked.
+    bad = held and ("stack" not in k or spills > 0 or k["stack"] > 0)
     rows.append((kind, args, k.get("registers", -1), k.get("stack", 0), k.get("stores", 0), k.get("loads", 0),
                  "FAIL" if bad else ("ok" if held else "-")))
     if bad:

@@ -16,13 +16,16 @@ namespace msda::torch_ops {
 namespace {
 
 using WeakTensor = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+using WeakStorage = c10::weak_intrusive_ptr<c10::StorageImpl>;
 
-// What identifies one state of a tensor: the TensorImpl (held weakly, which also keeps its
-// address from being reused while the entry lives), its version counter, and where and how its
-// data lies (set_() and resize_() bump the version too; these make a stale entry impossible to
-// mistake for a fresh one however the version got there).
+// What identifies one state of a tensor: the TensorImpl and its StorageImpl (each held weakly by
+// the entry, which keeps their addresses from being reused while it lives), its version counter,
+// and where and how its data lies. `t.data = other` keeps the TensorImpl and the version but
+// swaps the storage, and the caching allocator may hand the freed block straight back at the same
+// address: the storage tells the two apart.
 struct Key {
   const c10::TensorImpl* impl;
+  const c10::StorageImpl* storage;
   std::uint32_t version;
   const void* data;
   std::vector<std::int64_t> sizes, strides;
@@ -30,18 +33,24 @@ struct Key {
   at::Device device;
 
   static Key of(const at::Tensor& t) {
-    return {t.unsafeGetTensorImpl(), t.unsafeGetTensorImpl()->version_counter().current_version(), t.data_ptr(),
-            t.sizes().vec(),         t.strides().vec(),
-            t.scalar_type(),         t.device()};
+    return {t.unsafeGetTensorImpl(),
+            t.storage().unsafeGetStorageImpl(),
+            t.unsafeGetTensorImpl()->version_counter().current_version(),
+            t.const_data_ptr(),  // (data_ptr() would materialise a copy-on-write storage)
+            t.sizes().vec(),
+            t.strides().vec(),
+            t.scalar_type(),
+            t.device()};
   }
   bool operator==(const Key& o) const {
-    return impl == o.impl && version == o.version && data == o.data && sizes == o.sizes && strides == o.strides &&
-           dtype == o.dtype && device == o.device;
+    return impl == o.impl && storage == o.storage && version == o.version && data == o.data && sizes == o.sizes &&
+           strides == o.strides && dtype == o.dtype && device == o.device;
   }
 };
 
 struct Entry {
   WeakTensor tensor;
+  WeakStorage storage;
   Key key;
   at::Tensor host;
 };
@@ -56,7 +65,7 @@ class Cache {
   at::Tensor find(const at::Tensor& t, const Key& key) {
     const std::lock_guard<std::mutex> lock(mutex_);
     for (auto it = entries_.begin(); it != entries_.end();) {
-      if (it->tensor.expired()) {
+      if (it->tensor.expired() || it->storage.expired()) {
         it = entries_.erase(it);
         continue;
       }
@@ -73,7 +82,8 @@ class Cache {
     const std::lock_guard<std::mutex> lock(mutex_);
     // An older state of the same tensor is of no more use.
     entries_.remove_if([&](const Entry& e) { return e.key.impl == key.impl; });
-    entries_.push_front({WeakTensor(t.getIntrusivePtr()), std::move(key), std::move(host)});
+    entries_.push_front({WeakTensor(t.getIntrusivePtr()), t.storage().getWeakStorageImpl(), std::move(key),
+                         std::move(host)});
     if (entries_.size() > kEntries) entries_.pop_back();
   }
 
@@ -95,6 +105,10 @@ void refuse_copy_while_capturing(const at::Tensor& t, const char* argument) {
   if (!t.is_cuda()) return;
   void* stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(t.device()).native_handle();
   if (!cuda_stream_capturing(stream)) return;
+  if (t.is_inference())
+    throw Error(argument, "a tensor made outside torch.inference_mode() (msda keeps the host copy of such a tensor "
+                          "by its version counter, which inference tensors lack)",
+                "an inference tensor, whose values only a device-to-host copy could tell, which the capture forbids");
   throw Error(argument,
               "a tensor msda has read before the CUDA graph capture began, unchanged since (run the same "
               "tensor through the op once before capturing, as a warm-up does; keep it in a buffer or a "
@@ -127,6 +141,9 @@ at::Tensor host_indices(const at::Tensor& t, const char* argument) {
   return std::get<0>(through_cache(t, argument));
 }
 
-std::tuple<at::Tensor, bool> host_indices_cached(const at::Tensor& t) { return through_cache(t, "t"); }
+std::tuple<at::Tensor, bool> host_indices_cached(const at::Tensor& t) {
+  auto [host, hit] = through_cache(t, "t");
+  return {host.clone(), hit};  // the cache's own copy stays the cache's
+}
 
 }  // namespace msda::torch_ops

@@ -12,8 +12,10 @@ namespace msda::torch_ops {
 // keyed by the tensor and its version counter, so that later calls with the same unchanged
 // tensor neither wait for the stream nor break a CUDA graph capture (a device-to-host copy does
 // both). An in-place write through torch (t[0, 0] = 8, t.copy_(...), any out= op) bumps the
-// version and is seen; a write torch does not count (through t.data, DLPack, a raw pointer) is
-// not. Inference tensors have no version counter and are copied on every call.
+// version and is seen, and so is `t.data = other` (another storage); a write torch does not
+// count is not: through t.data's own tensor or t.untyped_storage(), DLPack, a raw pointer,
+// DDP's broadcast of buffers, a CUDA graph's replay. Inference tensors have no version counter
+// and are copied on every call.
 at::Tensor host_indices(const at::Tensor& t, const char* argument);
 
 // For the tests: `t` through the cache whatever its device (a CPU tensor is cached like a device

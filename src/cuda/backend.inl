@@ -1093,9 +1093,12 @@ bool available() noexcept {
 
 bool stream_capturing(void* stream) noexcept {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  if (cudaStreamIsCapturing(static_cast<cudaStream_t>(stream), &status) != cudaSuccess) {
+  const cudaError_t asked = cudaStreamIsCapturing(static_cast<cudaStream_t>(stream), &status);
+  if (asked != cudaSuccess) {
     (void)cudaGetLastError();
-    return false;
+    // The legacy stream asked while another stream captures (global mode): a copy on it would
+    // break that capture, so it counts as capturing.
+    return asked == cudaErrorStreamCaptureImplicit || asked == cudaErrorStreamCaptureUnsupported;
   }
   return status != cudaStreamCaptureStatusNone;
 }

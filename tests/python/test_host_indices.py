@@ -41,6 +41,16 @@ def test_an_in_place_write_is_seen():
     assert not hit and host.tolist() == [[2, 2], [7, 7]]
 
 
+def test_another_storage_under_the_same_tensor_is_seen():
+    """`t.data = other` keeps t's TensorImpl and version counter but swaps its storage (and a
+    caching allocator may put the new one at the old address)."""
+    t = torch.tensor([[3, 4], [2, 5]])
+    cached(t)
+    t.data = torch.tensor([[7, 7], [1, 1]])
+    host, hit = cached(t)
+    assert not hit and host.tolist() == [[7, 7], [1, 1]]
+
+
 def test_a_write_through_a_view_is_seen():
     base = torch.tensor([[3, 4], [2, 5]])
     cached(base)

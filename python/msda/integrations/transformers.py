@@ -63,17 +63,25 @@ _MAX_INDEX_TENSORS = 64
 
 
 def _index_tensors(shapes, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    key = (tuple((int(h), int(w)) for h, w in shapes), torch.device(device))
-    if torch.compiler.is_compiling() or key[1].type == "cpu":
-        # Traced code makes its own constants; on the CPU the op reads the tensor where it is.
-        made = torch.as_tensor(key[0], dtype=torch.int64, device=device).view(-1, 2)
+    device = torch.device(device)
+    if torch.compiler.is_compiling() or device.type == "cpu":
+        # Traced code makes its own tensors (the sizes may be symbolic: no int() here), and a
+        # compiled model reads them on every call; on the CPU the op reads them where they are.
+        made = torch.as_tensor(list(shapes), dtype=torch.int64, device=device).view(-1, 2)
         return made, _start_index(made)
+    if device.index is None and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (tuple((int(h), int(w)) for h, w in shapes), device)
     pair = _INDEX_TENSORS.get(key)
     if pair is None:
         if len(_INDEX_TENSORS) >= _MAX_INDEX_TENSORS:
-            _INDEX_TENSORS.pop(next(iter(_INDEX_TENSORS)))
-        made = torch.as_tensor(key[0], dtype=torch.int64, device=device).view(-1, 2)
-        pair = _INDEX_TENSORS[key] = (made, _start_index(made))
+            _INDEX_TENSORS.pop(next(iter(_INDEX_TENSORS), None), None)
+        # Never inference tensors (a first call under torch.inference_mode() would otherwise keep
+        # them for training too, which autograd refuses, and msda reads them on every call).
+        with torch.inference_mode(False):
+            made = torch.as_tensor(key[0], dtype=torch.int64, device=device).view(-1, 2)
+            pair = (made, _start_index(made))
+        _INDEX_TENSORS[key] = pair
     return pair
 
 
