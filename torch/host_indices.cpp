@@ -62,14 +62,14 @@ class Cache {
   static constexpr std::size_t kEntries = 16;
 
   // The host copy of `t` if one of its current state is kept, else an undefined tensor.
-  at::Tensor find(const at::Tensor& t, const Key& key) {
+  at::Tensor find(const Key& key) {
     const std::lock_guard<std::mutex> lock(mutex_);
     for (auto it = entries_.begin(); it != entries_.end();) {
       if (it->tensor.expired() || it->storage.expired()) {
         it = entries_.erase(it);
         continue;
       }
-      if (it->key == key && it->tensor._unsafe_get_target() == t.unsafeGetTensorImpl()) {
+      if (it->key == key) {  // (the key names the TensorImpl, which the live entry holds)
         entries_.splice(entries_.begin(), entries_, it);
         return entries_.front().host;
       }
@@ -123,11 +123,11 @@ std::tuple<at::Tensor, bool> through_cache(const at::Tensor& t, const char* argu
     return {to_host(t), false};
   }
   Key key = Key::of(t);
-  if (at::Tensor host = cache().find(t, key); host.defined()) return {host, true};
+  if (at::Tensor host = cache().find(key); host.defined()) return {host, true};
   refuse_copy_while_capturing(t, argument);
   // The copy runs outside the lock: it waits for t's stream, which must not hold up other threads.
   at::Tensor host = to_host(t);
-  if (host.data_ptr() == t.data_ptr()) host = host.clone();  // a CPU int64 tensor: keep a copy, not an alias
+  if (host.const_data_ptr() == t.const_data_ptr()) host = host.clone();  // a CPU int64 tensor: a copy, not an alias
   cache().keep(t, std::move(key), host);
   return {host, false};
 }

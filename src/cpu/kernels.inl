@@ -931,6 +931,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
 
       // The dot products read level l's rows from level_value(l), value_stride elements apart.
       const std::int64_t value_stride = head_rows ? D : row_stride;
+      const bool far_value = want_dots && !head_rows;  // value read where it is: worth a prefetch
       // The part's rows: those of (n, m) and its levels, the same for all its bands and query ranges.
       const std::int64_t rows_key = part / bands / query_parts;
       if (head_rows && held != rows_key) {
@@ -956,7 +957,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
         // copy or of own_rows (dense parts, whose rows the neighbouring queries have just used)
         // are near: prefetching them cost ~20% of the encoders' backward in stalls.
         for (std::int64_t l = l_begin, s = s_begin; l < l_end; ++l) {
-          const bool far_value = want_dots && !head_rows, far_acc = grad_value && in_place(l);
+          const bool far_acc = grad_value && in_place(l);
           if (!far_value && !far_acc) {
             s += p.points[l];
             continue;

@@ -62,13 +62,17 @@ _INDEX_TENSORS: Dict[Tuple[Tuple[Tuple[int, int], ...], torch.device], Tuple[tor
 _MAX_INDEX_TENSORS = 64
 
 
+def _make_index_tensors(shapes, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    made = torch.as_tensor(list(shapes), dtype=torch.int64, device=device).view(-1, 2)
+    return made, _start_index(made)
+
+
 def _index_tensors(shapes, device) -> Tuple[torch.Tensor, torch.Tensor]:
     device = torch.device(device)
     if torch.compiler.is_compiling() or device.type == "cpu":
         # Traced code makes its own tensors (the sizes may be symbolic: no int() here), and a
         # compiled model reads them on every call; on the CPU the op reads them where they are.
-        made = torch.as_tensor(list(shapes), dtype=torch.int64, device=device).view(-1, 2)
-        return made, _start_index(made)
+        return _make_index_tensors(shapes, device)
     if device.index is None and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     key = (tuple((int(h), int(w)) for h, w in shapes), device)
@@ -79,9 +83,7 @@ def _index_tensors(shapes, device) -> Tuple[torch.Tensor, torch.Tensor]:
         # Never inference tensors (a first call under torch.inference_mode() would otherwise keep
         # them for training too, which autograd refuses, and msda reads them on every call).
         with torch.inference_mode(False):
-            made = torch.as_tensor(key[0], dtype=torch.int64, device=device).view(-1, 2)
-            pair = (made, _start_index(made))
-        _INDEX_TENSORS[key] = pair
+            pair = _INDEX_TENSORS[key] = _make_index_tensors(key[0], device)
     return pair
 
 
