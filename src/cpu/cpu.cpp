@@ -270,8 +270,8 @@ struct ScratchBuffer {
       extra = round_up(static_cast<std::size_t>(p.D) * 8);  // a zero row
     }
     const std::size_t head_rows_bytes = round_up(static_cast<std::size_t>(head_rows * p.D) * size_of(p.problem->value_dtype));
-    if (head_rows > 0) scratch.head_rows_at = scratch.channels_bytes + scratch.group_bytes + scratch.grads_bytes + extra;
-    scratch.stride = scratch.channels_bytes + scratch.group_bytes + scratch.grads_bytes + extra + head_rows_bytes + 64;
+    if (head_rows > 0) scratch.head_rows_at = scratch.channels_bytes + 2 * scratch.group_bytes + scratch.grads_bytes + extra;
+    scratch.stride = scratch.channels_bytes + 2 * scratch.group_bytes + scratch.grads_bytes + extra + head_rows_bytes + 64;
     storage.emplace(scratch.stride * static_cast<std::size_t>(p.threads) + 64, Workspace::scratch);
     const auto address = reinterpret_cast<std::uintptr_t>(storage->data());
     scratch.base = storage->data() + (64 - address % 64) % 64;

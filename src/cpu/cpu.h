@@ -23,13 +23,14 @@ void backward_fused(const Params& params);
 
 // Per-thread working memory, allocated by the dispatcher before any parallel region (so that a
 // bad_alloc reaches the caller) and handed to the kernels. Each thread's slice is laid out as
-// [channels | group | extra | head rows]: one row of D channels (runtime D), the geometry of one
-// group of samples, kernel-specific arrays, then (staged) the copy of one head's value rows.
+// [channels | 2 groups | extra | head rows]: one row of D channels (runtime D), the geometry of two
+// groups of samples (one row's and the next's: kernels.inl), kernel-specific arrays, then
+// (staged) the copy of one head's value rows.
 struct Scratch {
   std::byte* base = nullptr;
   std::size_t stride = 0;          // bytes per thread, a multiple of 64 (no false sharing)
   std::size_t channels_bytes = 0;  // D elements of the widest compute type
-  std::size_t group_bytes = 0;     // kGroupBytesPerSample per sample of a group
+  std::size_t group_bytes = 0;     // kGroupBytesPerSample per sample of a group (two per thread)
   std::size_t grads_bytes = 0;     // backward: 3*K gradients of one query
   std::int64_t group_capacity = 0; // samples per geometry group, a multiple of 8
   std::int64_t levels_per_part = 0; // backward: levels of one part (all of them, or 1)

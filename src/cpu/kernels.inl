@@ -603,30 +603,37 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
 #pragma omp parallel num_threads(p.threads)
   {
     std::byte* mine = scratch.for_thread(omp_get_thread_num());
-    Group<C> group(mine + scratch.channels_bytes, scratch.group_capacity);
-    // The distance between the (n, q, m) rows walked in turn: heads of one query, or one head's queries.
-    group.row_stride = staged || block > 1 ? p.M : 1;
+    Group<C> groups[2] = {Group<C>(mine + scratch.channels_bytes, scratch.group_capacity),
+                          Group<C>(mine + scratch.channels_bytes + scratch.group_bytes, scratch.group_capacity)};
+    // A row's geometry is computed one row ahead, into the other group (walk_rows), so each group
+    // sees every other row: the distance between the (n, q, m) rows it reads in turn is twice that
+    // of the walk (heads of one query, or one head's queries).
+    for (Group<C>& group : groups) group.row_stride = 2 * (staged || block > 1 ? p.M : 1);
     // A row of zeros: where the taps of off-map corners point (with weight 0).
-    V* zero_row = reinterpret_cast<V*>(mine + scratch.channels_bytes + scratch.group_bytes + scratch.grads_bytes);
+    V* zero_row = reinterpret_cast<V*>(mine + scratch.channels_bytes + 2 * scratch.group_bytes + scratch.grads_bytes);
     __builtin_memset(static_cast<void*>(zero_row), 0, static_cast<std::size_t>(D) * sizeof(V));
     V* head_rows = staged ? reinterpret_cast<V*>(mine + scratch.head_rows_at) : nullptr;
-    group.set_levels(p);
-    for (std::int64_t s = 0; s < LP; ++s) group.level_offset[s] = p.level_start[group.level_of[s]] * row_bytes;
+    for (Group<C>& group : groups) {
+      group.set_levels(p);
+      for (std::int64_t s = 0; s < LP; ++s) group.level_offset[s] = p.level_start[group.level_of[s]] * row_bytes;
+    }
     const std::int64_t cap = scratch.group_capacity;
-    // out[n, q, m] = the sum of the taps of its samples, from `rows` (value + value_offset(n, 0, m),
-    // or the head's copy).
+    // The taps of row (n, q, m), read from `rows` (value + value_offset(n, 0, m), or the head's
+    // copy): an address and a weight per corner (zero_row and 0 off the map).
+    auto locate_row = [&](Group<C>& group, std::int64_t n, std::int64_t q, std::int64_t m, const V* rows) MSDA_INLINE_LAMBDA {
+      group.load(p, p.sample_index(n, q, m, 0, 0), LP, 0);
+      group.locate_taps(LP, reinterpret_cast<std::int64_t>(rows), row_bytes, reinterpret_cast<std::int64_t>(zero_row));
+    };
+    // out[n, q, m] = the sum of the taps located in `group`, branch-free.
     // Inlined, with the accumulators its own locals: they then live in registers through the
     // tap loop (captured from outside, they were stored back to memory after every tap).
-    auto sum_row = [&](std::int64_t n, std::int64_t q, std::int64_t m, const V* rows) MSDA_INLINE_LAMBDA {
+    auto sum_taps = [&](const Group<C>& group, std::int64_t n, std::int64_t q, std::int64_t m) MSDA_INLINE_LAMBDA {
       // One accumulator per corner when D is compile-time: four independent FMA chains instead of
       // one 4*L*P long (which made the sum latency-bound); two or one where the registers are
       // short (forward_accumulators). Runtime D sums into acc[0] only, kept in `mine`.
       constexpr int kAccs = forward_accumulators<C, kD>();
       Channels<V, kD> acc[4] = {{D, reinterpret_cast<C*>(mine)}, {D, reinterpret_cast<C*>(mine)},
                                 {D, reinterpret_cast<C*>(mine)}, {D, reinterpret_cast<C*>(mine)}};
-      group.load(p, p.sample_index(n, q, m, 0, 0), LP, 0);
-      // Branch-free taps: an address and a weight per corner (zero_row and 0 off the map).
-      group.locate_taps(LP, reinterpret_cast<std::int64_t>(rows), row_bytes, reinterpret_cast<std::int64_t>(zero_row));
       for (int k = 0; k < kAccs; ++k) acc[k].zero();
       for (std::int64_t s = 0; s < LP; ++s)
         for (int c = 0; c < 4; ++c)
@@ -640,6 +647,28 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
       }
       acc[0].store_row(out + p.output_offset(n, q, m));
     };
+    // Sums rows at(0), ..., at(count - 1) (at(i) gives n, q, m and the rows to read), locating
+    // each one row ahead: a row's geometry is a chain of dependent steps (load, convert, floor,
+    // address) that then runs while the CPU waits on the previous row's loads, not before the
+    // first of its own.
+    auto walk_rows = [&](std::int64_t count, auto&& at) MSDA_INLINE_LAMBDA {
+      std::int64_t n = 0, q = 0, m = 0;
+      const V* rows = nullptr;
+      if (count > 0) {
+        at(0, n, q, m, rows);
+        locate_row(groups[0], n, q, m, rows);
+      }
+      for (std::int64_t i = 0; i < count; ++i) {
+        std::int64_t next_n = 0, next_q = 0, next_m = 0;
+        const V* next_rows = nullptr;
+        if (i + 1 < count) {
+          at(i + 1, next_n, next_q, next_m, next_rows);
+          locate_row(groups[(i + 1) & 1], next_n, next_q, next_m, next_rows);
+        }
+        sum_taps(groups[i & 1], n, q, m);
+        n = next_n, q = next_q, m = next_m, rows = next_rows;
+      }
+    };
     if (staged) {
       std::int64_t held = -1;  // the (n, m) whose rows head_rows holds
       share_jobs(p.N * p.M * ranges, ranges == 1, [&](std::int64_t job) MSDA_INLINE_LAMBDA {
@@ -650,25 +679,29 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
           copy_head_rows(p, value, n, m, 0, p.S, head_rows);
           held = nm;
         }
-        for (std::int64_t q = q_begin; q < q_end; ++q) {
+        walk_rows(q_end - q_begin, [&](std::int64_t i, std::int64_t& row_n, std::int64_t& q, std::int64_t& row_m,
+                                       const V*& rows) MSDA_INLINE_LAMBDA {
+          q = q_begin + i;
+          row_n = n, row_m = m, rows = head_rows;
           // One head's queries: their samples sit M*L*P apart, so fetch ahead.
           if (q + kPrefetchQueries < q_end) prefetch_samples(p, p.sample_index(n, q + kPrefetchQueries, m, 0, 0), LP);
-          sum_row(n, q, m, head_rows);
-        }
+        });
       });
     } else {
 #pragma omp for schedule(static)
       for (std::int64_t job = 0; job < p.N * blocks_per_n; ++job) {
         const std::int64_t n = job / blocks_per_n, q_begin = job % blocks_per_n * block;
-        const std::int64_t q_end = q_begin + block < p.Q ? q_begin + block : p.Q;
-        for (std::int64_t m = 0; m < p.M; ++m)
-          for (std::int64_t q = q_begin; q < q_end; ++q) {
-            // Walking heads one at a time, a query's samples sit M*L*P apart: fetch ahead (with
-            // all heads of a query at once, reads are sequential and the hardware prefetches).
-            if (block > 1 && q + kPrefetchQueries < q_end)
-              prefetch_samples(p, p.sample_index(n, q + kPrefetchQueries, m, 0, 0), LP);
-            sum_row(n, q, m, value + p.value_offset(n, 0, m));
-          }
+        const std::int64_t q_end = q_begin + block < p.Q ? q_begin + block : p.Q, queries = q_end - q_begin;
+        walk_rows(p.M * queries, [&](std::int64_t i, std::int64_t& row_n, std::int64_t& q, std::int64_t& m,
+                                     const V*& rows) MSDA_INLINE_LAMBDA {
+          // Heads one at a time over the block's queries (query_block = 1: each query's heads).
+          m = i / queries, q = q_begin + i % queries;
+          row_n = n, rows = value + p.value_offset(n, 0, m);
+          // Walking heads one at a time, a query's samples sit M*L*P apart: fetch ahead (with
+          // all heads of a query at once, reads are sequential and the hardware prefetches).
+          if (block > 1 && q + kPrefetchQueries < q_end)
+            prefetch_samples(p, p.sample_index(n, q + kPrefetchQueries, m, 0, 0), LP);
+        });
       }
     }
   }
@@ -858,14 +891,18 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
   {
     std::byte* mine = scratch.for_thread(omp_get_thread_num());
     Channels<V, kD> g(D, reinterpret_cast<C*>(mine));
-    Group<C> group(mine + scratch.channels_bytes, scratch.group_capacity);
-    group.row_stride = p.M;  // one head's queries in turn
-    C* grads = reinterpret_cast<C*>(mine + scratch.channels_bytes + scratch.group_bytes);  // [3][K]
-    C* own_rows = reinterpret_cast<C*>(mine + scratch.channels_bytes + scratch.group_bytes + scratch.grads_bytes);
+    Group<C> groups[2] = {Group<C>(mine + scratch.channels_bytes, scratch.group_capacity),
+                          Group<C>(mine + scratch.channels_bytes + scratch.group_bytes, scratch.group_capacity)};
+    const std::size_t groups_end = scratch.channels_bytes + 2 * scratch.group_bytes;
+    C* grads = reinterpret_cast<C*>(mine + groups_end);  // [3][K]
+    C* own_rows = reinterpret_cast<C*>(mine + groups_end + scratch.grads_bytes);
     // Staged (cpu.cpp: only with the dot products): the part's value rows, copied contiguous.
     V* head_rows = scratch.head_rows_at > 0 ? reinterpret_cast<V*>(mine + scratch.head_rows_at) : nullptr;
     std::int64_t held = -1;  // the (n, m, first level) whose rows head_rows holds
-    group.set_levels(p);
+    for (Group<C>& group : groups) {
+      group.row_stride = 2 * p.M;  // every other query of one head
+      group.set_levels(p);
+    }
     if (grad_value && scratch.in_place_levels && std::is_same_v<V, C>) {
       // The in-place levels' rows of grad_value (for each batch element and level, one contiguous
       // range of all heads' rows), zeroed in runs before any part adds into them: the loop's
@@ -943,14 +980,23 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
         return head_rows ? head_rows + (p.level_start[l] - p.level_start[l_begin]) * D
                          : value + p.value_offset(n, p.level_start[l], m);
       };
+      const std::int64_t count = s_end - s_begin;
+      // A query's geometry is computed one query ahead, into the other group: its chain of
+      // dependent steps (load, convert, floor, pixel index) then runs while the CPU waits on the
+      // previous query's rows, not before the first of its own loads.
+      auto locate_query = [&](Group<C>& group, std::int64_t q) MSDA_INLINE_LAMBDA {
+        group.load(p, p.sample_index(n, q, m, l_begin, 0), count, s_begin);
+        group.locate_range(s_begin, s_end);
+      };
+      if (q_begin < q_end) locate_query(groups[0], q_begin);
       for (std::int64_t q = q_begin; q < q_end; ++q) {
-        const std::int64_t first = p.sample_index(n, q, m, l_begin, 0), count = s_end - s_begin;
+        const std::int64_t first = p.sample_index(n, q, m, l_begin, 0);
         if (q + kPrefetchQueries < q_end) {
           prefetch_samples(p, p.sample_index(n, q + kPrefetchQueries, m, l_begin, 0), count);
           prefetch(grad_out + p.output_offset(n, q + kPrefetchQueries, m), static_cast<std::size_t>(D) * sizeof(V));
         }
-        group.load(p, first, count, s_begin);
-        group.locate_range(s_begin, s_end);
+        Group<C>& group = groups[(q - q_begin) & 1];
+        if (q + 1 < q_end) locate_query(groups[(q + 1 - q_begin) & 1], q + 1);
         // Every far corner row of the query's samples requested before the first is used: where
         // locations scatter (decoders), the rows come from the last-level cache or memory, and
         // one sample's loads alone would leave the CPU waiting on each in turn. Rows of a staged
