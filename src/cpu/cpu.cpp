@@ -11,6 +11,10 @@
 #include <string>
 #include <vector>
 
+#if __has_include(<unistd.h>)
+#include <unistd.h>  // sysconf: the last-level cache's size
+#endif
+
 // CMakeLists.txt builds the targets of one architecture and says which; a compiler aimed at
 // another one would leave the table below pointing at kernels that were never built.
 #if defined(MSDA_CPU_TARGETS_X86) && !defined(__x86_64__)
@@ -124,8 +128,28 @@ std::int64_t max_level_rows(const Params& p) {
 std::int64_t corners_per_head(const Params& p) { return p.Q * p.K * 4; }
 
 // Corners per grad_value row of a level, on average, up to which f32 and f64 sum that level in
-// place (plan_scatter).
+// place (plan_scatter): 1, or 2 where value and grad_value together fit in half the last-level
+// cache. The in-place read-modify-writes are then cache hits, and the copy's own passes (zeroing
+// its rows, storing them out) cost more than they save: Intel Xeon (480 MiB L3), dino-dec, whose
+// finest level gets 1.1 corners per row, 4.39-4.64 against 3.68-3.76 ms, ddetr-dec (1.4 on its
+// second level) 1.74-1.78 against 1.56-1.63. On an AMD EPYC VM, where the 36 MB of those maps
+// did not fit, in place at 1.1 was 12-18% slower (docs/performance.md, "What did not pay").
 constexpr std::int64_t kInPlaceCornersPerRow = 1;
+constexpr std::int64_t kInPlaceCornersPerRowInCache = 2;
+
+// The last-level cache's size as the C library reports it; 0 where it does not (the rule above
+// then stays at its smaller threshold).
+std::int64_t last_level_cache_bytes() {
+  static const std::int64_t bytes = [] {
+    long size = 0;
+#if defined(_SC_LEVEL3_CACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
+    size = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (size <= 0) size = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return size > 0 ? static_cast<std::int64_t>(size) : std::int64_t(0);
+  }();
+  return bytes;
+}
 
 // Unless summed in place, a part's grad_value rows are summed in a per-thread copy in the compute
 // type; above Params::accumulator_budget bytes (64 MiB by default) a part shrinks to one level,
@@ -140,15 +164,20 @@ BackwardPlan plan_scatter(const Params& p) {
   // passes over its rows), or, for f32 and f64, in grad_value itself after one contiguous zeroing
   // (a read-modify-write of an M*D-strided row per corner, each likely a cache miss). The copy
   // wins where rows get several corners (encoders: 64 per row on ddetr-enc), in place where they
-  // get at most one. The choice is made per level: a decoder's finest level is sparse (ddetr-dec:
-  // 0.36 corners per row) while its coarse levels are dense (1.4 to 22) and small enough for a
-  // copy to stay in cache. README, "Measured".
+  // get at most one (two where the maps fit in cache: kInPlaceCornersPerRowInCache). The choice is
+  // made per level: a decoder's finest level is sparse (ddetr-dec: 0.36 corners per row) while its
+  // coarse levels are dense (1.4 to 22) and small enough for a copy to stay in cache.
+  // docs/performance.md, "What did not pay".
   if (p.grad_value && (p.problem->value_dtype == DType::f32 || p.problem->value_dtype == DType::f64)) {
+    // value and grad_value: N*S*M*D elements each (64 bits for any valid problem).
+    const std::int64_t map_bytes = 2 * p.N * p.S * p.M * p.D * compute_bytes(p);
+    const std::int64_t corners_per_row =
+        2 * map_bytes <= last_level_cache_bytes() ? kInPlaceCornersPerRowInCache : kInPlaceCornersPerRow;
     plan.in_place_levels.assign(static_cast<std::size_t>(p.L), 0);
     for (std::int64_t l = 0; l < p.L; ++l)
       plan.in_place_levels[l] = p.scatter == CpuTuning::Scatter::in_place ||
                                 (p.scatter == CpuTuning::Scatter::automatic &&
-                                 p.Q * p.points[l] * 4 <= kInPlaceCornersPerRow * p.height[l] * p.width[l]);
+                                 p.Q * p.points[l] * 4 <= corners_per_row * p.height[l] * p.width[l]);
   }
   const bool own_rows = p.grad_value && !plan.all_in_place();
   if (p.N * p.M >= p.threads && !p.level_parts && (!own_rows || p.S * row_bytes <= budget))
