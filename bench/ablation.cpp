@@ -263,6 +263,131 @@ struct BackwardFloor {
   }
 };
 
+// The grad_value scatter alone, two ways, on the same inputs (issue 24's owner-computes
+// question): every in-range corner of (batch, head) as a record (its row, its query, its weight
+// a * w_c), in the kernel's sample order, made before timing as the kernel's geometry makes it.
+// Both copy the head's grad_output rows contiguous first and store every row of grad_value once.
+//  - read-modify-write: a contiguous copy of the head's rows zeroed, each corner's row
+//    += weight * grad_output[query] in sample order, the copy stored into grad_value (the
+//    kernel's scatter=copy, without its dot products);
+//  - the same in place: grad_value zeroed by one parallel memset, each corner's row of it
+//    read-modified-written (the kernel's scatter=in_place);
+//  - owner-computes: the corners bucketed by row (a counting sort: count, prefix sum, fill), then
+//    each row summed in registers from its bucket, in sample order, and stored once: no row is
+//    read back, at the price of writing and reading the buckets.
+struct ScatterFloor {
+  struct Corner {
+    std::int32_t row, query;
+    float weight;
+  };
+  std::vector<std::vector<Corner>> per_head;
+  enum class Way { copy, in_place, owner_computes };
+  std::int64_t N, M, S, Q;
+  Way way;
+
+  ScatterFloor(const msda::Problem& p, const std::vector<double>& loc, Way how)
+      : N(p.batch), M(p.heads), S(p.value_len), Q(p.queries), way(how) {
+    const std::int64_t L = p.num_levels();
+    const std::vector<std::int64_t> starts = msda::level_starts(p.levels);
+    per_head.resize(static_cast<std::size_t>(N * M));
+    for (std::int64_t n = 0; n < N; ++n)
+      for (std::int64_t m = 0; m < M; ++m)
+        for (std::int64_t q = 0; q < Q; ++q)
+          for (std::int64_t l = 0; l < L; ++l)
+            for (std::int64_t pt = 0; pt < p.points; ++pt) {
+              const std::int64_t i = (((n * Q + q) * M + m) * L + l) * p.points + pt;
+              const std::int64_t H = p.levels[l].height, W = p.levels[l].width;
+              const double u = loc[2 * i] * W - 0.5, v = loc[2 * i + 1] * H - 0.5;
+              if (!(v > -1 && u > -1 && v < H && u < W)) continue;
+              const double fv = std::floor(v), fu = std::floor(u);
+              const auto h0 = static_cast<std::int64_t>(fv), w0 = static_cast<std::int64_t>(fu);
+              for (int c = 0; c < 4; ++c) {
+                const std::int64_t h = h0 + (c >> 1), w = w0 + (c & 1);
+                if (h < 0 || w < 0 || h >= H || w >= W) continue;
+                const double wy = c >> 1 ? v - fv : 1 - (v - fv), wx = c & 1 ? u - fu : 1 - (u - fu);
+                per_head[n * M + m].push_back({static_cast<std::int32_t>(starts[l] + h * W + w),
+                                               static_cast<std::int32_t>(q), static_cast<float>(wy * wx / 16)});
+              }
+            }
+  }
+
+  typedef float Vec16 __attribute__((vector_size(64)));
+
+#if defined(__x86_64__)
+  __attribute__((target("avx512f")))
+#endif
+  static Vec16 load(const float* src) {
+    Vec16 v;
+    __builtin_memcpy(&v, src, sizeof(v));
+    return v;
+  }
+#if defined(__x86_64__)
+  __attribute__((target("avx512f")))
+#endif
+  static void store(float* dst, Vec16 v) { __builtin_memcpy(dst, &v, sizeof(v)); }
+
+#if defined(__x86_64__)
+  __attribute__((target("avx512f")))
+#endif
+  void head(const float* grad_out, float* grad_value, std::size_t nm, std::vector<float>& g, std::vector<float>& rows,
+            std::vector<std::int32_t>& start, std::vector<Corner>& bucketed) const {
+    constexpr std::int64_t D = 32;
+    const std::int64_t n = static_cast<std::int64_t>(nm) / M, m = static_cast<std::int64_t>(nm) % M;
+    for (std::int64_t q = 0; q < Q; ++q) std::memcpy(&g[q * D], grad_out + ((n * Q + q) * M + m) * D, sizeof(float) * D);
+    const std::vector<Corner>& corners = per_head[nm];
+    float* const out = grad_value + (n * S * M + m) * D;  // row r at out + r * M * D
+    if (way != Way::owner_computes) {
+      const bool in_place = way == Way::in_place;
+      if (!in_place) std::memset(rows.data(), 0, sizeof(float) * S * D);
+      for (const Corner& c : corners) {
+        const Vec16 w = c.weight - Vec16{};
+        float* acc = in_place ? out + c.row * M * D : &rows[c.row * D];
+        store(acc, load(acc) + w * load(&g[c.query * D]));
+        store(acc + 16, load(acc + 16) + w * load(&g[c.query * D + 16]));
+      }
+      if (!in_place)
+        for (std::int64_t r = 0; r < S; ++r) std::memcpy(out + r * M * D, &rows[r * D], sizeof(float) * D);
+      return;
+    }
+    std::fill(start.begin(), start.end(), 0);
+    for (const Corner& c : corners) ++start[c.row + 1];
+    for (std::int64_t r = 0; r < S; ++r) start[r + 1] += start[r];
+    for (const Corner& c : corners) bucketed[start[c.row]++] = c;  // start[r] moves to row r's end
+    for (std::int64_t r = 0, at = 0; r < S; ++r) {
+      Vec16 a0 = {}, a1 = {};
+      for (; at < start[r]; ++at) {
+        const Corner& c = bucketed[at];
+        const Vec16 w = c.weight - Vec16{};
+        a0 += w * load(&g[c.query * D]);
+        a1 += w * load(&g[c.query * D + 16]);
+      }
+      store(out + r * M * D, a0);
+      store(out + r * M * D + 16, a1);
+    }
+  }
+
+  void run(const float* grad_out, float* grad_value, int threads) const {
+    const bool owner = way == Way::owner_computes;
+#pragma omp parallel num_threads(threads)
+    {
+      std::vector<float> g(static_cast<std::size_t>(Q * 32)), rows(way == Way::copy ? static_cast<std::size_t>(S * 32) : 0);
+      std::vector<std::int32_t> start(owner ? static_cast<std::size_t>(S + 1) : 0);
+      std::size_t most = 0;
+      for (const auto& c : per_head) most = std::max(most, c.size());
+      std::vector<Corner> bucketed(owner ? most : 0);
+      if (way == Way::in_place) {
+        constexpr std::size_t kRun = std::size_t(1) << 14;
+        const std::size_t total = static_cast<std::size_t>(N * S * M * 32), runs = (total + kRun - 1) / kRun;
+#pragma omp for schedule(static)
+        for (std::size_t r = 0; r < runs; ++r)
+          std::memset(grad_value + r * kRun, 0, sizeof(float) * std::min(kRun, total - r * kRun));
+      }
+#pragma omp for schedule(dynamic)
+      for (std::size_t nm = 0; nm < per_head.size(); ++nm) head(grad_out, grad_value, nm, g, rows, start, bucketed);
+    }
+  }
+};
+
 }  // namespace
 
 int main(int argc, char** argv) try {
@@ -330,6 +455,17 @@ int main(int argc, char** argv) try {
                       [&] { f.run(value, gv_data, gv_size, threads); }});
     }
   }
+  std::deque<ScatterFloor> scatter_floors;
+  if (p.channels == 32 && p.value_len < (std::int64_t(1) << 31) && p.queries < (std::int64_t(1) << 31))
+    for (auto [way, name] : {std::pair{ScatterFloor::Way::copy, "read-modify-write in sample order into a contiguous copy"},
+                             std::pair{ScatterFloor::Way::in_place, "read-modify-write in sample order in grad_value, zeroed"},
+                             std::pair{ScatterFloor::Way::owner_computes,
+                                       "owner-computes: corners bucketed by row, each row summed in registers"}}) {
+      scatter_floors.emplace_back(p, loc, way);
+      const ScatterFloor& f = scatter_floors.back();
+      rows.push_back({std::string("grad_value scatter alone, ") + name, [] {},
+                      [&] { f.run(grad_out.data(), gv_data, threads); }});
+    }
 
   auto variant = [&](std::string name, msda::Options o) {
     rows.push_back({std::move(name), [&, o] { msda::forward(p, data.inputs(), out.data(), o); },
