@@ -131,6 +131,32 @@ struct GatherFloor {
 // ascending addresses and every row still in cache is reused at once. `head_major` reads them
 // from a [N, M, S, D] copy of value (a head's map contiguous), else from value's own [N, S, M, D].
 // The kernel's order is the one its output needs; no gather of these samples can be faster.
+// Calls f(n, q, m, row, bilinear weight) for every in-range corner of every sample, in sample
+// order (so each head's corners come in query order); row counts from value's first row.
+template <class F>
+void for_each_corner(const msda::Problem& p, const std::vector<double>& loc, F&& f) {
+  const std::int64_t L = p.num_levels(), M = p.heads;
+  const std::vector<std::int64_t> starts = msda::level_starts(p.levels);
+  for (std::int64_t n = 0; n < p.batch; ++n)
+    for (std::int64_t q = 0; q < p.queries; ++q)
+      for (std::int64_t m = 0; m < M; ++m)
+        for (std::int64_t l = 0; l < L; ++l)
+          for (std::int64_t pt = 0; pt < p.points; ++pt) {
+            const std::int64_t i = (((n * p.queries + q) * M + m) * L + l) * p.points + pt;
+            const std::int64_t H = p.levels[l].height, W = p.levels[l].width;
+            const double u = loc[2 * i] * W - 0.5, v = loc[2 * i + 1] * H - 0.5;
+            if (!(v > -1 && u > -1 && v < H && u < W)) continue;
+            const double fv = std::floor(v), fu = std::floor(u);
+            const auto h0 = static_cast<std::int64_t>(fv), w0 = static_cast<std::int64_t>(fu);
+            for (int c = 0; c < 4; ++c) {
+              const std::int64_t h = h0 + (c >> 1), w = w0 + (c & 1);
+              if (h < 0 || w < 0 || h >= H || w >= W) continue;
+              const double wy = c >> 1 ? v - fv : 1 - (v - fv), wx = c & 1 ? u - fu : 1 - (u - fu);
+              f(n, q, m, starts[l] + h * W + w, wy * wx);
+            }
+          }
+}
+
 struct SortedFloor {
   std::vector<std::vector<std::int64_t>> offsets_per_head;  // float offsets of every corner load
   std::vector<float> head_major_copy;
@@ -138,27 +164,11 @@ struct SortedFloor {
 
   SortedFloor(const msda::Problem& p, const std::vector<double>& loc, const float* value, bool head_major_layout)
       : head_major(head_major_layout) {
-    const std::int64_t L = p.num_levels(), M = p.heads, D = p.channels, S = p.value_len;
-    const std::vector<std::int64_t> starts = msda::level_starts(p.levels);
+    const std::int64_t M = p.heads, D = p.channels, S = p.value_len;
     offsets_per_head.resize(static_cast<std::size_t>(p.batch * M));
-    for (std::int64_t n = 0; n < p.batch; ++n)
-      for (std::int64_t q = 0; q < p.queries; ++q)
-        for (std::int64_t m = 0; m < M; ++m)
-          for (std::int64_t l = 0; l < L; ++l)
-            for (std::int64_t pt = 0; pt < p.points; ++pt) {
-              const std::int64_t i = (((n * p.queries + q) * M + m) * L + l) * p.points + pt;
-              const std::int64_t H = p.levels[l].height, W = p.levels[l].width;
-              const double u = loc[2 * i] * W - 0.5, v = loc[2 * i + 1] * H - 0.5;
-              if (!(v > -1 && u > -1 && v < H && u < W)) continue;
-              const auto h0 = static_cast<std::int64_t>(std::floor(v)), w0 = static_cast<std::int64_t>(std::floor(u));
-              for (int c = 0; c < 4; ++c) {
-                const std::int64_t h = h0 + (c >> 1), w = w0 + (c & 1);
-                if (h < 0 || w < 0 || h >= H || w >= W) continue;
-                const std::int64_t row = starts[l] + h * W + w;
-                offsets_per_head[n * M + m].push_back(head_major ? ((n * M + m) * S + row) * D
-                                                                 : ((n * S + row) * M + m) * D);
-              }
-            }
+    for_each_corner(p, loc, [&](std::int64_t n, std::int64_t, std::int64_t m, std::int64_t row, double) {
+      offsets_per_head[n * M + m].push_back(head_major ? ((n * M + m) * S + row) * D : ((n * S + row) * M + m) * D);
+    });
     for (auto& offsets : offsets_per_head) std::sort(offsets.begin(), offsets.end());
     if (head_major) {
       head_major_copy.resize(static_cast<std::size_t>(p.batch * S * M * D));
@@ -284,31 +294,16 @@ struct ScatterFloor {
   enum class Way { copy, in_place, owner_computes };
   std::int64_t N, M, S, Q;
   Way way;
+  std::size_t most_corners = 0;  // of any (batch, head): the buckets' size
 
   ScatterFloor(const msda::Problem& p, const std::vector<double>& loc, Way how)
       : N(p.batch), M(p.heads), S(p.value_len), Q(p.queries), way(how) {
-    const std::int64_t L = p.num_levels();
-    const std::vector<std::int64_t> starts = msda::level_starts(p.levels);
     per_head.resize(static_cast<std::size_t>(N * M));
-    for (std::int64_t n = 0; n < N; ++n)
-      for (std::int64_t m = 0; m < M; ++m)
-        for (std::int64_t q = 0; q < Q; ++q)
-          for (std::int64_t l = 0; l < L; ++l)
-            for (std::int64_t pt = 0; pt < p.points; ++pt) {
-              const std::int64_t i = (((n * Q + q) * M + m) * L + l) * p.points + pt;
-              const std::int64_t H = p.levels[l].height, W = p.levels[l].width;
-              const double u = loc[2 * i] * W - 0.5, v = loc[2 * i + 1] * H - 0.5;
-              if (!(v > -1 && u > -1 && v < H && u < W)) continue;
-              const double fv = std::floor(v), fu = std::floor(u);
-              const auto h0 = static_cast<std::int64_t>(fv), w0 = static_cast<std::int64_t>(fu);
-              for (int c = 0; c < 4; ++c) {
-                const std::int64_t h = h0 + (c >> 1), w = w0 + (c & 1);
-                if (h < 0 || w < 0 || h >= H || w >= W) continue;
-                const double wy = c >> 1 ? v - fv : 1 - (v - fv), wx = c & 1 ? u - fu : 1 - (u - fu);
-                per_head[n * M + m].push_back({static_cast<std::int32_t>(starts[l] + h * W + w),
-                                               static_cast<std::int32_t>(q), static_cast<float>(wy * wx / 16)});
-              }
-            }
+    for_each_corner(p, loc, [&](std::int64_t n, std::int64_t q, std::int64_t m, std::int64_t row, double w) {
+      per_head[n * M + m].push_back(
+          {static_cast<std::int32_t>(row), static_cast<std::int32_t>(q), static_cast<float>(w / 16)});
+    });
+    for (const auto& corners : per_head) most_corners = std::max(most_corners, corners.size());
   }
 
   typedef float Vec16 __attribute__((vector_size(64)));
@@ -372,9 +367,7 @@ struct ScatterFloor {
     {
       std::vector<float> g(static_cast<std::size_t>(Q * 32)), rows(way == Way::copy ? static_cast<std::size_t>(S * 32) : 0);
       std::vector<std::int32_t> start(owner ? static_cast<std::size_t>(S + 1) : 0);
-      std::size_t most = 0;
-      for (const auto& c : per_head) most = std::max(most, c.size());
-      std::vector<Corner> bucketed(owner ? most : 0);
+      std::vector<Corner> bucketed(owner ? most_corners : 0);
       if (way == Way::in_place) {
         constexpr std::size_t kRun = std::size_t(1) << 14;
         const std::size_t total = static_cast<std::size_t>(N * S * M * 32), runs = (total + kRun - 1) / kRun;
