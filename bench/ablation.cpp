@@ -483,7 +483,8 @@ int main(int argc, char** argv) try {
     variant("level_parts=true (backward parts of one level)", o);
   }
   for (auto [scatter, name] : {std::pair{msda::CpuTuning::Scatter::copy, "scatter=copy (a part's rows in a copy)"},
-                               std::pair{msda::CpuTuning::Scatter::in_place, "scatter=in_place (f32: in grad_value)"}}) {
+                               std::pair{msda::CpuTuning::Scatter::in_place, "scatter=in_place (f32: in grad_value)"},
+                               std::pair{msda::CpuTuning::Scatter::owner, "scatter=owner (corners bucketed by row)"}}) {
     msda::Options o{threads};
     o.tuning.scatter = scatter;
     variant(name, o);

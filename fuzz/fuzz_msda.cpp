@@ -1415,7 +1415,7 @@ void fuzz_problem(Reader& r) {
   options.tuning.query_block = kBlocks[(tb >> 2) & 3];
   static constexpr msda::CpuTuning::Scatter kScatters[4] = {
       msda::CpuTuning::Scatter::automatic, msda::CpuTuning::Scatter::copy, msda::CpuTuning::Scatter::in_place,
-      msda::CpuTuning::Scatter::automatic};
+      msda::CpuTuning::Scatter::owner};
   options.tuning.scatter = kScatters[(tb >> 4) & 3];
 
   std::unique_ptr<Results> widest;  // the results of the widest instruction set this CPU has

@@ -53,8 +53,8 @@ void check_tuning(const Options& options) {
   if (options.tuning.accumulator_budget < 0)
     throw Error("options.tuning.accumulator_budget", ">= 0 bytes (0 = the default)",
                 std::to_string(options.tuning.accumulator_budget));
-  if (static_cast<unsigned>(options.tuning.scatter) > static_cast<unsigned>(CpuTuning::Scatter::in_place))
-    throw Error("options.tuning.scatter", "automatic (0), copy (1) or in_place (2)",
+  if (static_cast<unsigned>(options.tuning.scatter) > static_cast<unsigned>(CpuTuning::Scatter::owner))
+    throw Error("options.tuning.scatter", "automatic (0), copy (1), in_place (2) or owner (3)",
                 std::to_string(static_cast<unsigned>(options.tuning.scatter)));
   if (static_cast<unsigned>(options.tuning.staging) > static_cast<unsigned>(CpuTuning::Staging::direct))
     throw Error("options.tuning.staging", "automatic (0), copy (1) or direct (2)",

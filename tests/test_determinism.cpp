@@ -199,24 +199,31 @@ void expect_switch_keeps_bits(const Case& c, const msda::Options& reference, int
     }
 }
 
-// A part's grad_value rows summed in a per-thread copy or in grad_value itself (f32, f64): the
-// same terms in the same order, so the same bits, at any thread count and with either plan of
-// parts; bf16 always uses the copy, so there the switch must change nothing either. Decoder-like
-// (40 queries: automatic sums the finer level, 1 corner per row, in place and the coarser, 4 per
-// row, in the copy) and encoder-like (many corners per row: the copy everywhere) problems.
-TEST(DeterminismManyThreads, ScatterInPlaceOrCopyGivesTheSameBits) {
+// A part's grad_value rows summed in a per-thread copy, in grad_value itself (f32, f64) or by
+// owner-computes (records bucketed by row): the same terms in the same order, so the same bits,
+// at any thread count and with either plan of parts; bf16 never sums in place, so there that
+// switch must change nothing either. Decoder-like (40 queries: automatic sums the finest level,
+// 1 corner per row, in place and the coarser ones, 4 and 32, in the copy) and
+// encoder-like (many corners per row: the copy everywhere under automatic) problems; a tiny
+// accumulator budget cuts the copy's levels into bands of rows, and then every level's parts,
+// owner-computes ones too, into bands that record only their own rows.
+TEST(DeterminismManyThreads, ScatterInPlaceCopyOrOwnerGivesTheSameBits) {
   for (std::int64_t queries : {40, 600}) {
     Shape s;
     s.batch = 2, s.heads = 2, s.channels = 32, s.queries = queries, s.points = 3;
-    s.levels = {{20, 24}, {10, 12}};
+    s.levels = {{20, 24}, {10, 12}, {3, 5}};
     for (DType dtype : {DType::f32, DType::f64, DType::bf16}) {
       const Case c = make_case(s, {dtype, dtype, dtype}, Locations::mixed, case_seed(static_cast<int>(queries)));
       for (msda::Isa isa : cpu_isas()) {
         SCOPED_TRACE("isa " + std::string(msda::name(isa)) + " " + c.label);
         msda::Options copy{1, Backend::cpu, isa};
         copy.tuning.scatter = msda::CpuTuning::Scatter::copy;
-        expect_switch_keeps_bits(c, copy, 2, [](msda::Options& o, int k) {
-          o.tuning.scatter = k == 0 ? msda::CpuTuning::Scatter::in_place : msda::CpuTuning::Scatter::automatic;
+        expect_switch_keeps_bits(c, copy, 5, [](msda::Options& o, int k) {
+          constexpr msda::CpuTuning::Scatter kHow[] = {msda::CpuTuning::Scatter::in_place, msda::CpuTuning::Scatter::automatic,
+                                                       msda::CpuTuning::Scatter::owner, msda::CpuTuning::Scatter::owner,
+                                                       msda::CpuTuning::Scatter::automatic};
+          o.tuning.scatter = kHow[k];
+          if (k >= 3) o.tuning.accumulator_budget = 64 * 32 * 4;  // bands of 64 rows (f32)
         });
       }
     }

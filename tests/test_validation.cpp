@@ -287,7 +287,7 @@ TEST(Validation, TuningOutOfRange) {
   o.tuning.accumulator_budget = -1;
   expect_rejected(o, "accumulator_budget");
   o = {1, Backend::cpu};
-  o.tuning.scatter = static_cast<msda::CpuTuning::Scatter>(3);
+  o.tuning.scatter = static_cast<msda::CpuTuning::Scatter>(4);
   expect_rejected(o, "scatter");
   o = {1, Backend::cpu};
   o.tuning.staging = static_cast<msda::CpuTuning::Staging>(3);

@@ -192,16 +192,23 @@ struct CpuTuning {
   // levels, then into bands of rows (each pass re-reads the samples). Unused in place.
   // 0 = the default, 64 MiB.
   std::int64_t accumulator_budget = 0;
-  // backward: where a part sums its grad_value rows. Both give the same bits: each row's terms
+  // backward: where a part sums its grad_value rows. All give the same bits: each row's terms
   // are added in the same order, from the same zero.
   //   copy       in a contiguous per-thread copy of the part's rows (the compute type), zeroed,
   //              then stored once: three passes over the rows, cheap to add into
   //   in_place   f32 and f64: in grad_value itself, zeroed once up front: one pass, but each
   //              corner is a read-modify-write of a row M*D elements from its neighbours (bf16
-  //              and f16 always use the copy, to round once)
-  //   automatic  in place where a (batch, head) has at most 2 corners per row on average
-  //              (ddetr-dec, rtdetr-dec), the copy otherwise (encoders, dino-dec)
-  enum class Scatter : std::uint8_t { automatic, copy, in_place };
+  //              and f16 use the copy, to round once)
+  //   owner      owner-computes: each corner recorded (row, query, weight) as the samples are
+  //              walked, the records bucketed by row, then each row summed in registers from its
+  //              bucket and stored once: no row read back, no zeroing, at the price of writing
+  //              and reading 12-16 bytes per corner (levels whose records would take more
+  //              than 64 MiB per thread use the copy)
+  //   automatic  per level of the map: in place where a level has at most 1 corner per row on
+  //              average (2 where value and grad_value fit in half the last-level cache), the
+  //              copy otherwise; never owner-computes, which was slower inside the kernel on the
+  //              decoders (docs/performance.md, "What did not pay")
+  enum class Scatter : std::uint8_t { automatic, copy, in_place, owner };
   Scatter scatter = Scatter::automatic;
 };
 

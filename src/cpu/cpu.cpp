@@ -108,10 +108,10 @@ struct BackwardPlan {
   std::int64_t query_parts = 1;      // > 1 only without grad_value
   std::int64_t band_rows = 0;        // grad_value rows per band of a level; 0: whole levels
   std::int64_t bands = 1;
-  // f32/f64: per level, 1 where its rows are summed in grad_value itself (no per-part copy).
-  std::vector<char> in_place_levels;
-  bool any_in_place() const { return std::find(in_place_levels.begin(), in_place_levels.end(), 1) != in_place_levels.end(); }
-  bool all_in_place() const { return !in_place_levels.empty() && std::find(in_place_levels.begin(), in_place_levels.end(), 0) == in_place_levels.end(); }
+  // Per level, where its rows are summed; empty without grad_value.
+  std::vector<RowSum> row_sums;
+  bool any(RowSum how) const { return std::find(row_sums.begin(), row_sums.end(), how) != row_sums.end(); }
+  std::int64_t owner_records = 0;  // corner records a part may make (Scratch::owner_records)
 };
 
 std::int64_t compute_bytes(const Params& p) { return p.problem->value_dtype == DType::f64 ? 8 : 4; }
@@ -136,6 +136,10 @@ std::int64_t corners_per_head(const Params& p) { return p.Q * p.K * 4; }
 // did not fit, in place at 1.1 was 12-18% slower (docs/performance.md, "What did not pay").
 constexpr std::int64_t kInPlaceCornersPerRow = 1;
 constexpr std::int64_t kInPlaceCornersPerRowInCache = 2;
+
+// A thread's owner-computes arrays (two copies of a part's records, its grad_output rows) are at
+// most this large; a problem whose would be larger sums those levels in the copy.
+constexpr std::int64_t kOwnerBudgetBytes = std::int64_t(64) << 20;
 
 // The last-level cache's size as the C library reports it; 0 where it does not (the rule above
 // then stays at its smaller threshold).
@@ -168,18 +172,38 @@ BackwardPlan plan_scatter(const Params& p) {
   // made per level: a decoder's finest level is sparse (ddetr-dec: 0.36 corners per row) while its
   // coarse levels are dense (1.4 to 22) and small enough for a copy to stay in cache.
   // docs/performance.md, "What did not pay".
-  if (p.grad_value && (p.problem->value_dtype == DType::f32 || p.problem->value_dtype == DType::f64)) {
+  if (p.grad_value) {
+    const bool in_place_type = p.problem->value_dtype == DType::f32 || p.problem->value_dtype == DType::f64;
     // value and grad_value: N*S*M*D elements each (64 bits for any valid problem).
     const std::int64_t map_bytes = 2 * p.N * p.S * p.M * p.D * compute_bytes(p);
-    const std::int64_t corners_per_row =
+    const std::int64_t in_place_corners =
         2 * map_bytes <= last_level_cache_bytes() ? kInPlaceCornersPerRowInCache : kInPlaceCornersPerRow;
-    plan.in_place_levels.assign(static_cast<std::size_t>(p.L), 0);
+    plan.row_sums.assign(static_cast<std::size_t>(p.L), RowSum::copy);
+    for (std::int64_t l = 0; l < p.L; ++l) {
+      const std::int64_t corners = p.Q * p.points[l] * 4, rows = p.height[l] * p.width[l];
+      RowSum& how = plan.row_sums[static_cast<std::size_t>(l)];
+      switch (p.scatter) {
+        case CpuTuning::Scatter::copy: break;
+        case CpuTuning::Scatter::in_place: how = in_place_type ? RowSum::in_place : RowSum::copy; break;
+        case CpuTuning::Scatter::owner: how = RowSum::owner; break;
+        case CpuTuning::Scatter::automatic:  // never owner-computes: it lost in the kernel (docs/performance.md)
+          if (in_place_type && corners <= in_place_corners * rows) how = RowSum::in_place;
+          break;
+      }
+    }
+    // The records of a part's owner levels, and its grad_output rows, within kOwnerBudgetBytes
+    // (records are counted for all such levels: a bound for parts of one level too); else the copy.
     for (std::int64_t l = 0; l < p.L; ++l)
-      plan.in_place_levels[l] = p.scatter == CpuTuning::Scatter::in_place ||
-                                (p.scatter == CpuTuning::Scatter::automatic &&
-                                 p.Q * p.points[l] * 4 <= corners_per_row * p.height[l] * p.width[l]);
+      if (plan.row_sums[static_cast<std::size_t>(l)] == RowSum::owner) plan.owner_records += p.Q * p.points[l] * 4;
+    if (plan.owner_records > 0 &&
+        (plan.owner_records * 2 * static_cast<std::int64_t>(kCornerRecordBytes) + p.Q * p.D * compute_bytes(p) > kOwnerBudgetBytes ||
+         p.Q >= (std::int64_t(1) << 31) || max_level_rows(p) >= (std::int64_t(1) << 31))) {
+      for (RowSum& how : plan.row_sums)
+        if (how == RowSum::owner) how = RowSum::copy;
+      plan.owner_records = 0;
+    }
   }
-  const bool own_rows = p.grad_value && !plan.all_in_place();
+  const bool own_rows = plan.any(RowSum::copy);
   if (p.N * p.M >= p.threads && !p.level_parts && (!own_rows || p.S * row_bytes <= budget))
     plan.levels_per_part = p.L;
   const std::int64_t rows = plan.levels_per_part == p.L ? p.S : max_level_rows(p);
@@ -282,25 +306,31 @@ struct ScratchBuffer {
     scratch.channels_bytes = round_up(static_cast<std::size_t>(p.D) * 8);
     scratch.group_capacity = static_cast<std::int64_t>((LP + 7) / 8 * 8);
     scratch.group_bytes = round_up(static_cast<std::size_t>(scratch.group_capacity) * kGroupBytesPerSample);
-    std::size_t extra = 0;
+    std::size_t extra = 0, owner_bytes = 0;
     if (plan) {
       scratch.levels_per_part = plan->levels_per_part;
       scratch.query_parts = plan->query_parts;
       scratch.band_rows = plan->band_rows;
       scratch.bands = plan->bands;
       scratch.grads_bytes = round_up(LP * 3 * 8);
-      scratch.in_place_levels = plan->any_in_place() ? plan->in_place_levels.data() : nullptr;
-      if (p.grad_value && !plan->all_in_place()) {  // one part's (or band's) rows in the compute type
-        std::int64_t rows = plan->levels_per_part == p.L ? p.S : max_level_rows(p);
-        if (plan->band_rows > 0) rows = std::min(rows, plan->band_rows);
+      scratch.row_sums = plan->row_sums.empty() ? nullptr : plan->row_sums.data();
+      std::int64_t rows = plan->levels_per_part == p.L ? p.S : max_level_rows(p);
+      if (plan->band_rows > 0) rows = std::min(rows, plan->band_rows);
+      if (plan->any(RowSum::copy))  // one part's (or band's) rows in the compute type
         extra = round_up(static_cast<std::size_t>(rows * p.D * compute_bytes(p)));
+      if (plan->owner_records > 0) {
+        scratch.owner_records = plan->owner_records;
+        scratch.owner_rows = rows;
+        owner_bytes = owner_layout(p.Q, p.D, static_cast<std::size_t>(compute_bytes(p)), plan->owner_records, rows).bytes;
       }
     } else {
       extra = round_up(static_cast<std::size_t>(p.D) * 8);  // a zero row
     }
     const std::size_t head_rows_bytes = round_up(static_cast<std::size_t>(head_rows * p.D) * size_of(p.problem->value_dtype));
-    if (head_rows > 0) scratch.head_rows_at = scratch.channels_bytes + 2 * scratch.group_bytes + scratch.grads_bytes + extra;
-    scratch.stride = scratch.channels_bytes + 2 * scratch.group_bytes + scratch.grads_bytes + extra + head_rows_bytes + 64;
+    const std::size_t head_rows_at = scratch.channels_bytes + 2 * scratch.group_bytes + scratch.grads_bytes + extra;
+    if (head_rows > 0) scratch.head_rows_at = head_rows_at;
+    if (owner_bytes > 0) scratch.owner_at = head_rows_at + head_rows_bytes;
+    scratch.stride = head_rows_at + head_rows_bytes + owner_bytes + 64;
     storage.emplace(scratch.stride * static_cast<std::size_t>(p.threads) + 64, Workspace::scratch);
     const auto address = reinterpret_cast<std::uintptr_t>(storage->data());
     scratch.base = storage->data() + (64 - address % 64) % 64;

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 #include "params.h"
 
@@ -21,11 +22,32 @@ void backward(const Params& params);
 // reference-point gradients (fused_epilogue in kernels.inl).
 void backward_fused(const Params& params);
 
+// Where a backward part sums a level's grad_value rows (CpuTuning::Scatter, plan_scatter).
+enum class RowSum : char { copy, in_place, owner };
+
+// Bytes of one owner-computes corner record, at most (kernels.inl, CornerRecord).
+inline constexpr std::size_t kCornerRecordBytes = 16;
+
+// Where the owner-computes area's arrays start within it, and its size (Scratch::owner_at).
+struct OwnerLayout {
+  std::size_t records, bucketed, ends, bytes;  // the grad_output rows start at 0
+};
+inline OwnerLayout owner_layout(std::int64_t queries, std::int64_t D, std::size_t compute_bytes,
+                                std::int64_t records, std::int64_t rows) {
+  auto round_up = [](std::size_t x) { return (x + 63) / 64 * 64; };
+  OwnerLayout o;
+  o.records = round_up(static_cast<std::size_t>(queries * D) * compute_bytes);
+  o.bucketed = o.records + round_up(static_cast<std::size_t>(records) * kCornerRecordBytes);
+  o.ends = o.bucketed + round_up(static_cast<std::size_t>(records) * kCornerRecordBytes);
+  o.bytes = o.ends + round_up(static_cast<std::size_t>(rows + 1) * sizeof(std::int32_t));
+  return o;
+}
+
 // Per-thread working memory, allocated by the dispatcher before any parallel region (so that a
 // bad_alloc reaches the caller) and handed to the kernels. Each thread's slice is laid out as
-// [channels | 2 groups | extra | head rows]: one row of D channels (runtime D), the geometry of two
-// groups of samples (one row's and the next's: kernels.inl), kernel-specific arrays, then
-// (staged) the copy of one head's value rows.
+// [channels | 2 groups | extra | head rows | owner]: one row of D channels (runtime D), the geometry
+// of two groups of samples (one row's and the next's: kernels.inl), kernel-specific arrays, then
+// (staged) the copy of one head's value rows, then (backward, owner-computes) OwnerLayout's arrays.
 struct Scratch {
   std::byte* base = nullptr;
   std::size_t stride = 0;          // bytes per thread, a multiple of 64 (no false sharing)
@@ -37,9 +59,15 @@ struct Scratch {
   std::int64_t query_parts = 1;     // backward without grad_value: query ranges per part
   std::int64_t band_rows = 0;       // backward scatter: rows per band of a level (0: no bands)
   std::int64_t bands = 1;
-  // Backward, f32/f64: per level, whether its grad_value rows are summed in grad_value itself
-  // rather than in a per-part copy (cpu.cpp); L entries, or null when no level is.
-  const char* in_place_levels = nullptr;
+  // Backward: per level, where its grad_value rows are summed (cpu.cpp, plan_scatter); L
+  // entries, or null when every level is summed in the copy.
+  const RowSum* row_sums = nullptr;
+  // Owner-computes levels: where in a thread's slice its area starts (0: no such level), laid out
+  // as [grad_output rows of the part's queries, [Q, D] of the compute type | corner records |
+  // the records bucketed by row | bucket ends, one int32 per row of a part + 1].
+  std::size_t owner_at = 0;
+  std::int64_t owner_records = 0;  // records a part may make (its owner levels' in-range corners)
+  std::int64_t owner_rows = 0;     // rows of a part (or band)
   // Staged gathers (CpuTuning::staging): where in a thread's slice the copy of the value rows of
   // the head it works on starts, [rows, D] of the value type; 0: the gathers read value directly.
   std::size_t head_rows_at = 0;

@@ -93,6 +93,15 @@ struct Channels {
     }
   }
 
+  // dst[0:D] = this, in the compute type
+  MSDA_INLINE void store_compute_row(C* dst) const {
+    if constexpr (kD > 0) {
+      for (int r = 0; r < kRegs; ++r) store_compute(dst + r * kL, reg[r]);
+    } else {
+      for (std::int64_t d = 0; d < D; ++d) dst[d] = mem[d];
+    }
+  }
+
   MSDA_INLINE void store_row(V* dst) const {
     if constexpr (kD > 0) {
       for (int r = 0; r < kRegs; ++r) store(dst + r * kL, reg[r]);
@@ -862,6 +871,62 @@ MSDA_INLINE void block_dot_gradients(const Channels<V, kD>& g, const Group<C>& g
   }
 }
 
+// One corner of an owner-computes level: the part's row it adds to, its query (counted from the
+// part's first) and its weight a * w_c.
+template <class C>
+struct CornerRecord {
+  std::int32_t row, query;
+  C weight;
+};
+static_assert(sizeof(CornerRecord<double>) <= kCornerRecordBytes);
+
+// The owner-computes sums of one part: `count` records, made in sample order, bucketed by row by a
+// stable counting sort (so each row's terms stay in sample order: the bits of the copy and in
+// place), then row r of [r0, r1) summed in registers from its bucket, from zero, and stored once
+// at dst + r * row_stride; a row without records is stored as zeros. grads: the part's
+// grad_output rows in the compute type, D apart. ends: rows + 1 entries.
+template <class C>
+MSDA_INLINE void bucket_corners(const CornerRecord<C>* records, std::int64_t count, std::int64_t rows,
+                                CornerRecord<C>* bucketed, std::int32_t* ends) {
+  __builtin_memset(static_cast<void*>(ends), 0, static_cast<std::size_t>(rows + 1) * sizeof(std::int32_t));
+  for (std::int64_t i = 0; i < count; ++i) ++ends[records[i].row + 1];
+  for (std::int64_t r = 0; r < rows; ++r) ends[r + 1] += ends[r];
+  for (std::int64_t i = 0; i < count; ++i) bucketed[ends[records[i].row]++] = records[i];  // ends[r]: row r's end
+}
+
+template <class V, int kD, class C>
+MSDA_INLINE void owner_rows_sum(std::int64_t D, const C* grads, const CornerRecord<C>* bucketed, const std::int32_t* ends,
+                                std::int64_t r0, std::int64_t r1, V* dst, std::int64_t row_stride) {
+  constexpr int kL = kLanes<C>;
+  for (std::int64_t r = r0, from = r > 0 ? ends[r - 1] : 0; r < r1; from = ends[r++]) {
+    const std::int64_t to = ends[r];
+    V* const row = dst + r * row_stride;
+    if constexpr (kD > 0) {
+      constexpr int kRegs = kD / kL;
+      Vec<C> acc[kRegs] = {};
+      for (std::int64_t i = from; i < to; ++i) {
+        const Vec<C> wv = broadcast(bucketed[i].weight);
+        const C* g = grads + bucketed[i].query * kD;
+        for (int k = 0; k < kRegs; ++k) acc[k] = acc[k] + wv * load_compute(g + k * kL);
+      }
+      for (int k = 0; k < kRegs; ++k) store(row + k * kL, acc[k]);
+    } else {
+      std::int64_t d = 0;
+      for (; d + kL <= D; d += kL) {
+        Vec<C> acc{};
+        for (std::int64_t i = from; i < to; ++i)
+          acc = acc + broadcast(bucketed[i].weight) * load_compute(grads + bucketed[i].query * D + d);
+        store(row + d, acc);
+      }
+      for (; d < D; ++d) {
+        C acc = 0;
+        for (std::int64_t i = from; i < to; ++i) acc = acc + bucketed[i].weight * grads[bucketed[i].query * D + d];
+        row[d] = Storage<V>::store(acc);
+      }
+    }
+  }
+}
+
 // Parallel over parts: a part is one (batch, head) and a range of levels (all of them when there
 // are at least as many (n, m) pairs as threads, one level each otherwise; see cpu.cpp for more
 // threads than parts). A part owns the
@@ -881,10 +946,13 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
   const V* grad_out = static_cast<const V*>(p.grad_output);
   V* grad_value = static_cast<V*>(p.grad_value);
   const bool want_dots = p.wants_sample_gradients();
-  // Level l's rows are summed in grad_value itself (f32, f64, where the plan says so: cpu.cpp)
-  // or in own_rows, a contiguous copy of the part's rows.
+  // Level l's rows are summed in grad_value itself (f32, f64, where the plan says so: cpu.cpp),
+  // in own_rows, a contiguous copy of the part's rows, or by owner-computes (bucket_corners).
+  auto row_sum = [&](std::int64_t l) MSDA_INLINE_LAMBDA {
+    return scratch.row_sums ? scratch.row_sums[l] : RowSum::copy;
+  };
   auto in_place = [&](std::int64_t l) MSDA_INLINE_LAMBDA {
-    return std::is_same_v<V, C> && scratch.in_place_levels && scratch.in_place_levels[l];
+    return std::is_same_v<V, C> && row_sum(l) == RowSum::in_place;
   };
 
 #pragma omp parallel num_threads(p.threads)
@@ -899,11 +967,24 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
     // Staged (cpu.cpp: only with the dot products): the part's value rows, copied contiguous.
     V* head_rows = scratch.head_rows_at > 0 ? reinterpret_cast<V*>(mine + scratch.head_rows_at) : nullptr;
     std::int64_t held = -1;  // the (n, m, first level) whose rows head_rows holds
+    // Owner-computes: the part's grad_output rows, its corner records and their buckets.
+    C* owner_grads = nullptr;
+    CornerRecord<C>* records = nullptr;
+    CornerRecord<C>* bucketed = nullptr;
+    std::int32_t* ends = nullptr;
+    if (scratch.owner_at > 0) {
+      const OwnerLayout o = owner_layout(p.Q, D, sizeof(C), scratch.owner_records, scratch.owner_rows);
+      std::byte* const area = mine + scratch.owner_at;
+      owner_grads = reinterpret_cast<C*>(area);
+      records = reinterpret_cast<CornerRecord<C>*>(area + o.records);
+      bucketed = reinterpret_cast<CornerRecord<C>*>(area + o.bucketed);
+      ends = reinterpret_cast<std::int32_t*>(area + o.ends);
+    }
     for (Group<C>& group : groups) {
       group.row_stride = 2 * p.M;  // every other query of one head
       group.set_levels(p);
     }
-    if (grad_value && scratch.in_place_levels && std::is_same_v<V, C>) {
+    if (grad_value && scratch.row_sums && std::is_same_v<V, C>) {
       // The in-place levels' rows of grad_value (for each batch element and level, one contiguous
       // range of all heads' rows), zeroed in runs before any part adds into them: the loop's
       // barrier orders the two.
@@ -948,9 +1029,13 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
       auto acc_stride = [&](std::int64_t l) MSDA_INLINE_LAMBDA { return in_place(l) ? row_stride : D; };
       C* const in_place_rows = grad_value ? reinterpret_cast<C*>(grad_value) + p.value_offset(n, first_row, m) : nullptr;
       auto level_acc = [&](std::int64_t l) MSDA_INLINE_LAMBDA -> C* {
-        if (!grad_value) return nullptr;
+        if (!grad_value || row_sum(l) == RowSum::owner) return nullptr;
         return in_place(l) ? in_place_rows : own_rows;
       };
+      bool owner_part = false;  // whether any of the part's levels is summed by owner-computes
+      if (grad_value && records)
+        for (std::int64_t l = l_begin; l < l_end; ++l) owner_part |= row_sum(l) == RowSum::owner;
+      std::int64_t recorded = 0;
       // The part's rows of level l, [first, last) counted from first_row, for l in [l_begin, l_end).
       auto level_rows = [&](std::int64_t l, std::int64_t& first, std::int64_t& last) MSDA_INLINE_LAMBDA {
         first = p.level_start[l] - first_row;
@@ -962,7 +1047,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
         for (std::int64_t l = l_begin; l < l_end; ++l) {
           std::int64_t r0, r1;
           level_rows(l, r0, r1);
-          if (!in_place(l) && r0 < r1)
+          if (row_sum(l) == RowSum::copy && r0 < r1)
             __builtin_memset(static_cast<void*>(own_rows + r0 * D), 0, static_cast<std::size_t>((r1 - r0) * D) * sizeof(C));
         }
 
@@ -1019,6 +1104,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
               }
         }
         g.load_row(grad_out + p.output_offset(n, q, m));
+        if (owner_part) g.store_compute_row(owner_grads + (q - q_begin) * D);
         constexpr int kBlock = kD > 0 ? kLanes<C> / 4 : 0;
         if constexpr (kBlock >= 2)
           if (want_dots) block_dot_gradients<kBlock>(g, group, level_value, value_stride, s_begin, s_end, grads);
@@ -1028,6 +1114,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
           const std::int64_t level_row = p.level_start[l] - first_row;
           const C H = static_cast<C>(p.height_f[l]), W = static_cast<C>(p.width_f[l]);
           C* const acc = level_acc(l);
+          const bool owner = owner_part && row_sum(l) == RowSum::owner;
           const std::int64_t stride = acc_stride(l);
           for (std::int64_t pt = 0; pt < p.points[l]; ++pt, ++s) {
             const C a = static_cast<C>(group.a[s]);
@@ -1071,6 +1158,12 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
                 if (pixel[c] >= 0 && static_cast<std::uint64_t>(row) < static_cast<std::uint64_t>(rows))
                   g.add_scaled_into(acc + row * stride, a * w[c]);
               }
+            else if (owner)
+              for (int c = 0; c < 4; ++c) {
+                const std::int64_t row = level_row + pixel[c];
+                if (pixel[c] >= 0 && static_cast<std::uint64_t>(row) < static_cast<std::uint64_t>(rows))
+                  records[recorded++] = {static_cast<std::int32_t>(row), static_cast<std::int32_t>(q - q_begin), a * w[c]};
+              }
           }
         }
         // Discrete sampling: the pixel choice is piecewise constant, so no location gradient (the
@@ -1089,11 +1182,16 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
         if (p.grad_weights) store_values(p.grad_weights, first, count, p.problem->weight_dtype, grads);
         if (p.grad_locations) store_values(p.grad_locations, 2 * first, 2 * count, p.problem->location_dtype, grads + count);
       }
+      if (owner_part) bucket_corners(records, recorded, rows, bucketed, ends);
       if (grad_value)
         for (std::int64_t l = l_begin; l < l_end; ++l) {
-          if (in_place(l)) continue;
           std::int64_t r0, r1;
           level_rows(l, r0, r1);
+          if (row_sum(l) == RowSum::owner) {
+            if (r0 < r1) owner_rows_sum<V, kD>(D, owner_grads, bucketed, ends, r0, r1, grad_value + p.value_offset(n, first_row, m), row_stride);
+            continue;
+          }
+          if (in_place(l)) continue;
           for (std::int64_t r = r0; r < r1; ++r) {
             V* dst = grad_value + p.value_offset(n, first_row + r, m);
             for (std::int64_t d = 0; d < D; ++d) dst[d] = Storage<V>::store(own_rows[r * D + d]);
