@@ -197,7 +197,7 @@ BackwardPlan plan_scatter(const Params& p) {
       if (plan.row_sums[static_cast<std::size_t>(l)] == RowSum::owner) plan.owner_records += p.Q * p.points[l] * 4;
     if (plan.owner_records > 0 &&
         (plan.owner_records * 2 * static_cast<std::int64_t>(kCornerRecordBytes) + p.Q * p.D * compute_bytes(p) > kOwnerBudgetBytes ||
-         p.Q >= (std::int64_t(1) << 31) || max_level_rows(p) >= (std::int64_t(1) << 31))) {
+         p.Q >= (std::int64_t(1) << 31) || p.S >= (std::int64_t(1) << 31))) {
       for (RowSum& how : plan.row_sums)
         if (how == RowSum::owner) how = RowSum::copy;
       plan.owner_records = 0;
