@@ -137,8 +137,8 @@ std::int64_t corners_per_head(const Params& p) { return p.Q * p.K * 4; }
 constexpr std::int64_t kInPlaceCornersPerRow = 1;
 constexpr std::int64_t kInPlaceCornersPerRowInCache = 2;
 
-// A thread's owner-computes arrays (two copies of a part's records, its grad_output rows) are at
-// most this large; a problem whose would be larger sums those levels in the copy.
+// A thread's owner-computes arrays (OwnerLayout: its grad_output rows, two copies of a part's
+// records, the bucket ends of its rows) are at most this large; a problem whose would be larger sums those levels in the copy.
 constexpr std::int64_t kOwnerBudgetBytes = std::int64_t(64) << 20;
 
 // The last-level cache's size as the C library reports it; 0 where it does not (the rule above
@@ -196,7 +196,8 @@ BackwardPlan plan_scatter(const Params& p) {
     for (std::int64_t l = 0; l < p.L; ++l)
       if (plan.row_sums[static_cast<std::size_t>(l)] == RowSum::owner) plan.owner_records += p.Q * p.points[l] * 4;
     if (plan.owner_records > 0 &&
-        (plan.owner_records * 2 * static_cast<std::int64_t>(kCornerRecordBytes) + p.Q * p.D * compute_bytes(p) > kOwnerBudgetBytes ||
+        (owner_layout(p.Q, p.D, static_cast<std::size_t>(compute_bytes(p)), plan.owner_records, p.S).bytes >
+             static_cast<std::size_t>(kOwnerBudgetBytes) ||
          p.Q >= (std::int64_t(1) << 31) || p.S >= (std::int64_t(1) << 31))) {
       for (RowSum& how : plan.row_sums)
         if (how == RowSum::owner) how = RowSum::copy;
