@@ -3,7 +3,8 @@
 // (medians of --repeats).
 //
 //   msda_ablation [--workload ddetr-enc] [--locations encoder|decoder|random] [--dtype f32|bf16]
-//                 [--threads 2] [--repeats 7]
+//                 [--threads 2] [--repeats 7] [--only TEXT]
+// --only TEXT times only the rows whose name contains TEXT (a profiler's run of one variant).
 #include <omp.h>
 
 #include <algorithm>
@@ -386,6 +387,7 @@ struct ScatterFloor {
 int main(int argc, char** argv) try {
   std::string workload_name = "ddetr-enc", locations_name;
   int threads = 2, repeats = 7;
+  std::string only;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     auto next = [&]() -> std::string {
@@ -396,6 +398,7 @@ int main(int argc, char** argv) try {
     else if (arg == "--locations") locations_name = next();
     else if (arg == "--threads") threads = std::stoi(next());
     else if (arg == "--repeats") repeats = std::max(1, std::stoi(next()));
+    else if (arg == "--only") only = next();
     else throw std::invalid_argument("unknown argument " + arg);
   }
   const auto& workload = msda::workloads::find(workload_name);
@@ -465,6 +468,11 @@ int main(int argc, char** argv) try {
                     [&, o] { msda::backward(p, data.inputs(), grad_out.data(), {gv_data, gl.data(), gw.data()}, o); }});
   };
   variant("default", msda::Options{threads});
+  // The backward's two halves on their own: where its time goes (the default's plan for each).
+  rows.push_back({"default backward, grad_value alone", [] {},
+                  [&] { msda::backward(p, data.inputs(), grad_out.data(), {gv_data, nullptr, nullptr}, msda::Options{threads}); }});
+  rows.push_back({"default backward, location and weight gradients alone", [] {},
+                  [&] { msda::backward(p, data.inputs(), grad_out.data(), {nullptr, gl.data(), gw.data()}, msda::Options{threads}); }});
   for (auto [staging, name] : {std::pair{msda::CpuTuning::Staging::copy, "staging=copy (each head's rows copied contiguous)"},
                                std::pair{msda::CpuTuning::Staging::direct, "staging=direct (gathers read value where it is)"}}) {
     msda::Options o{threads};
@@ -499,6 +507,9 @@ int main(int argc, char** argv) try {
     variant("isa=" + std::string(msda::name(isa)), o);
   }
 
+  if (!only.empty())
+    rows.erase(std::remove_if(rows.begin(), rows.end(), [&](const Row& row) { return row.name.find(only) == std::string::npos; }),
+               rows.end());
   for (Row& row : rows) {  // a warm-up each; a variant this machine cannot run is dropped
     try {
       row.forward();
