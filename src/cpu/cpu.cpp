@@ -328,7 +328,7 @@ struct ScratchBuffer {
       extra = round_up(static_cast<std::size_t>(p.D) * 8);  // a zero row
     }
     const std::size_t head_rows_bytes = round_up(static_cast<std::size_t>(head_rows * p.D) * size_of(p.problem->value_dtype));
-    const std::size_t head_rows_at = scratch.channels_bytes + 2 * scratch.group_bytes + scratch.grads_bytes + extra;
+    const std::size_t head_rows_at = scratch.channels_bytes + kGroups * scratch.group_bytes + scratch.grads_bytes + extra;
     if (head_rows > 0) scratch.head_rows_at = head_rows_at;
     if (owner_bytes > 0) scratch.owner_at = head_rows_at + head_rows_bytes;
     scratch.stride = head_rows_at + head_rows_bytes + owner_bytes + 64;

@@ -43,16 +43,23 @@ inline OwnerLayout owner_layout(std::int64_t queries, std::int64_t D, std::size_
   return o;
 }
 
+// The geometry groups of a thread (kernels.inl): a row's samples are loaded two rows ahead of its
+// sum and located one row ahead, each row in its own group. The location step's vector reads then
+// find the loads' stores long since in the cache: read at once, the lanes written one at a time
+// (a K that is not a whole number of vectors: 12 on m2f-enc and rtdetr-dec) could not be
+// forwarded from the store buffer and stalled the core until the stores had drained.
+constexpr int kGroups = 3;
+
 // Per-thread working memory, allocated by the dispatcher before any parallel region (so that a
 // bad_alloc reaches the caller) and handed to the kernels. Each thread's slice is laid out as
-// [channels | 2 groups | extra | head rows | owner]: one row of D channels (runtime D), the geometry
-// of two groups of samples (one row's and the next's: kernels.inl), kernel-specific arrays, then
+// [channels | kGroups groups | extra | head rows | owner]: one row of D channels (runtime D), the
+// geometry of kGroups groups of samples (kernels.inl), kernel-specific arrays, then
 // (staged) the copy of one head's value rows, then (backward, owner-computes) OwnerLayout's arrays.
 struct Scratch {
   std::byte* base = nullptr;
   std::size_t stride = 0;          // bytes per thread, a multiple of 64 (no false sharing)
   std::size_t channels_bytes = 0;  // D elements of the widest compute type
-  std::size_t group_bytes = 0;     // kGroupBytesPerSample per sample of a group (two per thread)
+  std::size_t group_bytes = 0;     // kGroupBytesPerSample per sample of a group (kGroups per thread)
   std::size_t grads_bytes = 0;     // backward: 3*K gradients of one query
   std::int64_t group_capacity = 0; // samples per geometry group, a multiple of 8
   std::int64_t levels_per_part = 0; // backward: levels of one part (all of them, or 1)

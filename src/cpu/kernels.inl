@@ -242,8 +242,10 @@ struct Group {
   double* a;              // in: attention weights; out: 0 where the sample is zeroed
   double* height;         // in: H and W of each sample's level
   double* width;
-  std::int64_t* pixel;    // out [4][capacity]: corner pixel index in its level, -1 off the map
-  std::int64_t* level_offset;  // in (forward taps): byte offset of each sample's level in value
+  std::int64_t* pixel;    // out [4][capacity]: corner row (level_offset + pixel in its level), -1 off the map
+  // in: forward taps: byte offset of each sample's level in value; backward (locate_from): its
+  // level's first row, counted from the first row of the part's first level
+  std::int64_t* level_offset;
   C* bilinear;            // out [4][capacity]: hh*hw, hh*lw, lh*hw, lh*lw (0 off the map)
   C* lh;                  // out: fractional offsets (0 for a zeroed sample)
   C* lw;
@@ -499,8 +501,9 @@ struct Group {
     __builtin_memcpy(dst, &narrow, sizeof(narrow));
   }
 
-  // Outputs for the backward: corner pixels, bilinear weights, fractions; the attention weight of
-  // a zeroed sample becomes 0.
+  // Outputs for the backward: corner rows (counted from the part's first row, so that one base
+  // and stride address any level's: the dot products and the scatter need no level lookup),
+  // bilinear weights, fractions; the attention weight of a zeroed sample becomes 0.
   MSDA_INLINE void locate_from(std::int64_t first, std::int64_t count) {
     using VD = Vec<double>;
     using VI = Vec<std::int64_t>;
@@ -509,7 +512,9 @@ struct Group {
     for (std::int64_t s = first; s < count; s += kStep) {
       const Lanes g = geometry(s);
       // Exact: H*W < 2^53 for any real map; converted once (64-bit integer multiplies are slow).
-      const VI p00 = __builtin_convertvector(g.fh * g.W + g.fw, VI), Wi = __builtin_convertvector(g.W, VI);
+      VI level;
+      __builtin_memcpy(&level, level_offset + s, sizeof(level));
+      const VI p00 = __builtin_convertvector(g.fh * g.W + g.fw, VI) + level, Wi = __builtin_convertvector(g.W, VI);
       const VI corner[4] = {p00, p00 + 1, p00 + Wi, p00 + Wi + 1};
       for (int c = 0; c < 4; ++c) {
         const VI px = g.on[c] ? corner[c] : off_map;
@@ -612,14 +617,16 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
 #pragma omp parallel num_threads(p.threads)
   {
     std::byte* mine = scratch.for_thread(omp_get_thread_num());
-    Group<C> groups[2] = {Group<C>(mine + scratch.channels_bytes, scratch.group_capacity),
-                          Group<C>(mine + scratch.channels_bytes + scratch.group_bytes, scratch.group_capacity)};
-    // A row's geometry is computed one row ahead, into the other group (walk_rows), so each group
-    // sees every other row: the distance between the (n, q, m) rows it reads in turn is twice that
-    // of the walk (heads of one query, or one head's queries).
-    for (Group<C>& group : groups) group.row_stride = 2 * (staged || block > 1 ? p.M : 1);
+    Group<C> groups[kGroups] = {Group<C>(mine + scratch.channels_bytes, scratch.group_capacity),
+                                Group<C>(mine + scratch.channels_bytes + scratch.group_bytes, scratch.group_capacity),
+                                Group<C>(mine + scratch.channels_bytes + 2 * scratch.group_bytes, scratch.group_capacity)};
+    static_assert(kGroups == 3);
+    // Rows take the groups in turn (walk_rows), so each group sees every kGroups-th row: the
+    // distance between the (n, q, m) rows it reads in turn is kGroups times that of the walk
+    // (heads of one query, or one head's queries).
+    for (Group<C>& group : groups) group.row_stride = kGroups * (staged || block > 1 ? p.M : 1);
     // A row of zeros: where the taps of off-map corners point (with weight 0).
-    V* zero_row = reinterpret_cast<V*>(mine + scratch.channels_bytes + 2 * scratch.group_bytes + scratch.grads_bytes);
+    V* zero_row = reinterpret_cast<V*>(mine + scratch.channels_bytes + kGroups * scratch.group_bytes + scratch.grads_bytes);
     __builtin_memset(static_cast<void*>(zero_row), 0, static_cast<std::size_t>(D) * sizeof(V));
     V* head_rows = staged ? reinterpret_cast<V*>(mine + scratch.head_rows_at) : nullptr;
     for (Group<C>& group : groups) {
@@ -629,9 +636,15 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
     const std::int64_t cap = scratch.group_capacity;
     // The taps of row (n, q, m), read from `rows` (value + value_offset(n, 0, m), or the head's
     // copy): an address and a weight per corner (zero_row and 0 off the map).
-    auto locate_row = [&](Group<C>& group, std::int64_t n, std::int64_t q, std::int64_t m, const V* rows) MSDA_INLINE_LAMBDA {
-      group.load(p, p.sample_index(n, q, m, 0, 0), LP, 0);
-      group.locate_taps(LP, reinterpret_cast<std::int64_t>(rows), row_bytes, reinterpret_cast<std::int64_t>(zero_row));
+    struct Row {
+      std::int64_t n = 0, q = 0, m = 0;
+      const V* rows = nullptr;
+    };
+    auto load_row = [&](Group<C>& group, const Row& r) MSDA_INLINE_LAMBDA {
+      group.load(p, p.sample_index(r.n, r.q, r.m, 0, 0), LP, 0);
+    };
+    auto locate_row = [&](Group<C>& group, const Row& r) MSDA_INLINE_LAMBDA {
+      group.locate_taps(LP, reinterpret_cast<std::int64_t>(r.rows), row_bytes, reinterpret_cast<std::int64_t>(zero_row));
     };
     // out[n, q, m] = the sum of the taps located in `group`, branch-free.
     // Inlined, with the accumulators its own locals: they then live in registers through the
@@ -656,26 +669,26 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
       }
       acc[0].store_row(out + p.output_offset(n, q, m));
     };
-    // Sums rows at(0), ..., at(count - 1) (at(i) gives n, q, m and the rows to read), locating
-    // each one row ahead: a row's geometry is a chain of dependent steps (load, convert, floor,
-    // address) that then runs while the CPU waits on the previous row's loads, not before the
-    // first of its own.
+    // Sums rows at(0), ..., at(count - 1) (at(i) gives n, q, m and the rows to read), loading
+    // each two rows ahead and locating it one row ahead (kGroups): a row's geometry is a chain of
+    // dependent steps (convert, floor, address) that then runs while the CPU waits on the
+    // previous row's loads, not before the first of its own, and reads what the load stored an
+    // iteration before.
     auto walk_rows = [&](std::int64_t count, auto&& at) MSDA_INLINE_LAMBDA {
-      std::int64_t n = 0, q = 0, m = 0;
-      const V* rows = nullptr;
-      if (count > 0) {
-        at(0, n, q, m, rows);
-        locate_row(groups[0], n, q, m, rows);
+      Row rows[kGroups];
+      for (std::int64_t i = 0; i < count && i < 2; ++i) {
+        at(i, rows[i].n, rows[i].q, rows[i].m, rows[i].rows);
+        load_row(groups[i], rows[i]);
       }
-      for (std::int64_t i = 0; i < count; ++i) {
-        std::int64_t next_n = 0, next_q = 0, next_m = 0;
-        const V* next_rows = nullptr;
-        if (i + 1 < count) {
-          at(i + 1, next_n, next_q, next_m, next_rows);
-          locate_row(groups[(i + 1) & 1], next_n, next_q, next_m, next_rows);
+      if (count > 0) locate_row(groups[0], rows[0]);
+      for (std::int64_t i = 0, slot = 0; i < count; ++i, slot = slot + 1 < kGroups ? slot + 1 : 0) {
+        if (i + 2 < count) {
+          Row& r = rows[(slot + 2) % kGroups];
+          at(i + 2, r.n, r.q, r.m, r.rows);
+          load_row(groups[(slot + 2) % kGroups], r);
         }
-        sum_taps(groups[i & 1], n, q, m);
-        n = next_n, q = next_q, m = next_m, rows = next_rows;
+        if (i + 1 < count) locate_row(groups[(slot + 1) % kGroups], rows[(slot + 1) % kGroups]);
+        sum_taps(groups[slot], rows[slot].n, rows[slot].q, rows[slot].m);
       }
     };
     if (staged) {
@@ -811,9 +824,9 @@ MSDA_INLINE auto interleave(P x, P y, std::integer_sequence<int, I...>) {
 // samples at a time. Summing each sample's three lane-wise combinations on its own took 4 folds
 // and ~20 vector operations per sample, which made the backward's dot products compute-bound.
 // Writes grads as backward_kernel reads it: [count) weight gradients, then [2 count) location
-// gradients, x and y interleaved. level_value(l): level l's first row, value_stride apart.
-template <int kBlock, class V, int kD, class C, class LevelValue>
-MSDA_INLINE void block_dot_gradients(const Channels<V, kD>& g, const Group<C>& group, LevelValue&& level_value,
+// gradients, x and y interleaved. part_value: the part's first row, rows value_stride apart.
+template <int kBlock, class V, int kD, class C>
+MSDA_INLINE void block_dot_gradients(const Channels<V, kD>& g, const Group<C>& group, const V* part_value,
                                      std::int64_t value_stride, std::int64_t s_begin, std::int64_t s_end, C* grads) {
   typedef C Piece __attribute__((vector_size(kBlock * sizeof(C))));
   typedef double PieceD __attribute__((vector_size(kBlock * sizeof(double))));
@@ -835,11 +848,10 @@ MSDA_INLINE void block_dot_gradients(const Channels<V, kD>& g, const Group<C>& g
 #pragma GCC unroll 16
     for (int b = 0; b < kBlock; ++b) {
       const std::int64_t s = s0 + b;
-      const V* rows = s < s_end ? level_value(group.level_of[s]) : nullptr;
 #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) {
-        const std::int64_t px = s < s_end ? group.pixel[c * cap + s] : -1;
-        t[c * kBlock + b] = px >= 0 ? g.products(rows + px * value_stride) : Vec<C>{};
+        const std::int64_t row = s < s_end ? group.pixel[c * cap + s] : -1;
+        t[c * kBlock + b] = row >= 0 ? g.products(part_value + row * value_stride) : Vec<C>{};
       }
     }
     const Vec<C> dots = reduce_lanes<C>(t);
@@ -959,9 +971,11 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
   {
     std::byte* mine = scratch.for_thread(omp_get_thread_num());
     Channels<V, kD> g(D, reinterpret_cast<C*>(mine));
-    Group<C> groups[2] = {Group<C>(mine + scratch.channels_bytes, scratch.group_capacity),
-                          Group<C>(mine + scratch.channels_bytes + scratch.group_bytes, scratch.group_capacity)};
-    const std::size_t groups_end = scratch.channels_bytes + 2 * scratch.group_bytes;
+    Group<C> groups[kGroups] = {Group<C>(mine + scratch.channels_bytes, scratch.group_capacity),
+                                Group<C>(mine + scratch.channels_bytes + scratch.group_bytes, scratch.group_capacity),
+                                Group<C>(mine + scratch.channels_bytes + 2 * scratch.group_bytes, scratch.group_capacity)};
+    static_assert(kGroups == 3);
+    const std::size_t groups_end = scratch.channels_bytes + kGroups * scratch.group_bytes;
     C* grads = reinterpret_cast<C*>(mine + groups_end);  // [3][K]
     C* own_rows = reinterpret_cast<C*>(mine + groups_end + scratch.grads_bytes);
     // Staged (cpu.cpp: only with the dot products): the part's value rows, copied contiguous.
@@ -981,7 +995,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
       ends = reinterpret_cast<std::int32_t*>(area + o.ends);
     }
     for (Group<C>& group : groups) {
-      group.row_stride = 2 * p.M;  // every other query of one head
+      group.row_stride = kGroups * p.M;  // every kGroups-th query of one head
       group.set_levels(p);
     }
     if (grad_value && scratch.row_sums && std::is_same_v<V, C>) {
@@ -1051,7 +1065,8 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
             __builtin_memset(static_cast<void*>(own_rows + r0 * D), 0, static_cast<std::size_t>((r1 - r0) * D) * sizeof(C));
         }
 
-      // The dot products read level l's rows from level_value(l), value_stride elements apart.
+      // The dot products read the part's rows from part_value, value_stride elements apart: row r
+      // (Group::pixel, counted from the first row of level l_begin) at part_value + r * value_stride.
       const std::int64_t value_stride = head_rows ? D : row_stride;
       const bool far_value = want_dots && !head_rows;  // value read where it is: worth a prefetch
       // The part's rows: those of (n, m) and its levels, the same for all its bands and query ranges.
@@ -1061,27 +1076,33 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
                        (l_end < p.L ? p.level_start[l_end] : p.S) - p.level_start[l_begin], head_rows);
         held = rows_key;
       }
-      auto level_value = [&](std::int64_t l) {
-        return head_rows ? head_rows + (p.level_start[l] - p.level_start[l_begin]) * D
-                         : value + p.value_offset(n, p.level_start[l], m);
-      };
+      const V* const part_value = head_rows ? head_rows : value + p.value_offset(n, p.level_start[l_begin], m);
       const std::int64_t count = s_end - s_begin;
-      // A query's geometry is computed one query ahead, into the other group: its chain of
-      // dependent steps (load, convert, floor, pixel index) then runs while the CPU waits on the
-      // previous query's rows, not before the first of its own loads.
-      auto locate_query = [&](Group<C>& group, std::int64_t q) MSDA_INLINE_LAMBDA {
+      // Group::pixel's rows are counted from the part's first level: its samples' level offsets.
+      for (Group<C>& group : groups)
+        for (std::int64_t s = s_begin; s < s_end; ++s)
+          group.level_offset[s] = p.level_start[group.level_of[s]] - p.level_start[l_begin];
+      // A query's samples are loaded two queries ahead and located one ahead (kGroups): the
+      // location step's chain of dependent steps (convert, floor, pixel index) then runs while the
+      // CPU waits on the previous query's rows, not before the first of its own loads, and reads
+      // what the load stored an iteration before.
+      auto load_query = [&](Group<C>& group, std::int64_t q) MSDA_INLINE_LAMBDA {
         group.load(p, p.sample_index(n, q, m, l_begin, 0), count, s_begin);
-        group.locate_range(s_begin, s_end);
       };
-      if (q_begin < q_end) locate_query(groups[0], q_begin);
-      for (std::int64_t q = q_begin; q < q_end; ++q) {
+      if (q_begin < q_end) {
+        load_query(groups[0], q_begin);
+        groups[0].locate_range(s_begin, s_end);
+      }
+      if (q_begin + 1 < q_end) load_query(groups[1], q_begin + 1);
+      for (std::int64_t q = q_begin, slot = 0; q < q_end; ++q, slot = slot + 1 < kGroups ? slot + 1 : 0) {
         const std::int64_t first = p.sample_index(n, q, m, l_begin, 0);
         if (q + kPrefetchQueries < q_end) {
           prefetch_samples(p, p.sample_index(n, q + kPrefetchQueries, m, l_begin, 0), count);
           prefetch(grad_out + p.output_offset(n, q + kPrefetchQueries, m), static_cast<std::size_t>(D) * sizeof(V));
         }
-        Group<C>& group = groups[(q - q_begin) & 1];
-        if (q + 1 < q_end) locate_query(groups[(q + 1 - q_begin) & 1], q + 1);
+        Group<C>& group = groups[slot];
+        if (q + 2 < q_end) load_query(groups[(slot + 2) % kGroups], q + 2);
+        if (q + 1 < q_end) groups[(slot + 1) % kGroups].locate_range(s_begin, s_end);
         // Every far corner row of the query's samples requested before the first is used: where
         // locations scatter (decoders), the rows come from the last-level cache or memory, and
         // one sample's loads alone would leave the CPU waiting on each in turn. Rows of a staged
@@ -1093,25 +1114,21 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
             s += p.points[l];
             continue;
           }
-          const V* level = level_value(l);
           const std::int64_t stride = acc_stride(l);
-          const C* acc = far_acc ? level_acc(l) + (p.level_start[l] - first_row) * stride : nullptr;
+          const C* acc = far_acc ? level_acc(l) - row_begin * stride : nullptr;
           for (std::int64_t pt = 0; pt < p.points[l]; ++pt, ++s)
             for (int c = 0; c < 4; ++c)
-              if (const std::int64_t px = group.pixel[c * group.capacity + s]; px >= 0) {
-                if (far_value) prefetch(level + px * value_stride, static_cast<std::size_t>(D) * sizeof(V));
-                if (acc) prefetch(acc + px * stride, static_cast<std::size_t>(D) * sizeof(C));
+              if (const std::int64_t row = group.pixel[c * group.capacity + s]; row >= 0) {
+                if (far_value) prefetch(part_value + row * value_stride, static_cast<std::size_t>(D) * sizeof(V));
+                if (acc) prefetch(acc + row * stride, static_cast<std::size_t>(D) * sizeof(C));
               }
         }
         g.load_row(grad_out + p.output_offset(n, q, m));
         if (owner_part) g.store_compute_row(owner_grads + (q - q_begin) * D);
         constexpr int kBlock = kD > 0 ? kLanes<C> / 4 : 0;
         if constexpr (kBlock >= 2)
-          if (want_dots) block_dot_gradients<kBlock>(g, group, level_value, value_stride, s_begin, s_end, grads);
+          if (want_dots) block_dot_gradients<kBlock>(g, group, part_value, value_stride, s_begin, s_end, grads);
         for (std::int64_t l = l_begin, s = s_begin; l < l_end; ++l) {
-          const V* level = level_value(l);
-          // Pixel k of level l is row level_row + k of this part's accumulator, if in [0, rows).
-          const std::int64_t level_row = p.level_start[l] - first_row;
           const C H = static_cast<C>(p.height_f[l]), W = static_cast<C>(p.width_f[l]);
           C* const acc = level_acc(l);
           const bool owner = owner_part && row_sum(l) == RowSum::owner;
@@ -1134,7 +1151,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
                 // Lane-wise products combined first, then one shared horizontal sum for all three.
                 Vec<C> t[4];
                 for (int c = 0; c < 4; ++c)
-                  t[c] = pixel[c] >= 0 ? g.products(level + pixel[c] * value_stride) : Vec<C>{};
+                  t[c] = pixel[c] >= 0 ? g.products(part_value + pixel[c] * value_stride) : Vec<C>{};
                 const Vec<C> d_weight = broadcast(w[0]) * t[0] + broadcast(w[1]) * t[1] + broadcast(w[2]) * t[2] +
                                         broadcast(w[3]) * t[3];
                 const Vec<C> d_u = broadcast(hh) * (t[1] - t[0]) + broadcast(lh) * (t[3] - t[2]);
@@ -1143,7 +1160,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
               } else {
                 C dot[4] = {0, 0, 0, 0};
                 for (int c = 0; c < 4; ++c)
-                  if (pixel[c] >= 0) dot[c] = g.dot(level + pixel[c] * value_stride);
+                  if (pixel[c] >= 0) dot[c] = g.dot(part_value + pixel[c] * value_stride);
                 sums[0] = w[0] * dot[0] + w[1] * dot[1] + w[2] * dot[2] + w[3] * dot[3];
                 sums[1] = hh * (dot[1] - dot[0]) + lh * (dot[3] - dot[2]);
                 sums[2] = hw * (dot[2] - dot[0]) + lw * (dot[3] - dot[1]);
@@ -1154,13 +1171,13 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
             }
             if (acc)
               for (int c = 0; c < 4; ++c) {
-                const std::int64_t row = level_row + pixel[c];
+                const std::int64_t row = pixel[c] - row_begin;
                 if (pixel[c] >= 0 && static_cast<std::uint64_t>(row) < static_cast<std::uint64_t>(rows))
                   g.add_scaled_into(acc + row * stride, a * w[c]);
               }
             else if (owner)
               for (int c = 0; c < 4; ++c) {
-                const std::int64_t row = level_row + pixel[c];
+                const std::int64_t row = pixel[c] - row_begin;
                 if (pixel[c] >= 0 && static_cast<std::uint64_t>(row) < static_cast<std::uint64_t>(rows))
                   records[recorded++] = {static_cast<std::int32_t>(row), static_cast<std::int32_t>(q - q_begin), a * w[c]};
               }
