@@ -1245,11 +1245,18 @@ MSDA_INLINE void fused_reference_gradients(const Params& p) {
 
 // ---- entry points: value dtype and D to template arguments -----------------------------------
 
+// MSDA_SPECIALIZE_D 0 (a target's file may say so): every D takes the runtime-D kernels, a third
+// of the code to compile, for a target that no machine picks by default (targets/baseline.cpp).
+#ifndef MSDA_SPECIALIZE_D
+#define MSDA_SPECIALIZE_D 1
+#endif
 template <template <class, int> class Kernel>
 void run(const Params& p, const Scratch& scratch) {
   auto with_value = [&]<class V>() {
-    if (p.D == 32) return Kernel<V, 32>::run(p, scratch);
-    if (p.D == 64) return Kernel<V, 64>::run(p, scratch);
+    if constexpr (MSDA_SPECIALIZE_D != 0) {
+      if (p.D == 32) return Kernel<V, 32>::run(p, scratch);
+      if (p.D == 64) return Kernel<V, 64>::run(p, scratch);
+    }
     return Kernel<V, 0>::run(p, scratch);
   };
   switch (p.problem->value_dtype) {
