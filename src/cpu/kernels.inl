@@ -554,6 +554,16 @@ struct Group {
   }
 };
 
+// A thread's kGroups geometry groups, where Scratch lays them out (after its channels row).
+template <class C>
+MSDA_INLINE std::array<Group<C>, kGroups> thread_groups(std::byte* mine, const Scratch& scratch) {
+  auto group = [&](std::size_t i) {
+    return Group<C>(mine + scratch.channels_bytes + i * scratch.group_bytes, scratch.group_capacity);
+  };
+  static_assert(kGroups == 3);
+  return {group(0), group(1), group(2)};
+}
+
 // ---- staged gathers: one head's rows, contiguous ---------------------------------------------
 
 // Copies value[n, first_row : first_row + rows, m, :] into `dst` ([rows, D]): a strided read of one
@@ -622,10 +632,7 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
 #pragma omp parallel num_threads(p.threads)
   {
     std::byte* mine = scratch.for_thread(omp_get_thread_num());
-    Group<C> groups[kGroups] = {Group<C>(mine + scratch.channels_bytes, scratch.group_capacity),
-                                Group<C>(mine + scratch.channels_bytes + scratch.group_bytes, scratch.group_capacity),
-                                Group<C>(mine + scratch.channels_bytes + 2 * scratch.group_bytes, scratch.group_capacity)};
-    static_assert(kGroups == 3);
+    std::array<Group<C>, kGroups> groups = thread_groups<C>(mine, scratch);
     // Rows take the groups in turn (walk_rows), so each group sees every kGroups-th row: the
     // distance between the (n, q, m) rows it reads in turn is kGroups times that of the walk
     // (heads of one query, or one head's queries).
@@ -976,10 +983,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
   {
     std::byte* mine = scratch.for_thread(omp_get_thread_num());
     Channels<V, kD> g(D, reinterpret_cast<C*>(mine));
-    Group<C> groups[kGroups] = {Group<C>(mine + scratch.channels_bytes, scratch.group_capacity),
-                                Group<C>(mine + scratch.channels_bytes + scratch.group_bytes, scratch.group_capacity),
-                                Group<C>(mine + scratch.channels_bytes + 2 * scratch.group_bytes, scratch.group_capacity)};
-    static_assert(kGroups == 3);
+    std::array<Group<C>, kGroups> groups = thread_groups<C>(mine, scratch);
     const std::size_t groups_end = scratch.channels_bytes + kGroups * scratch.group_bytes;
     C* grads = reinterpret_cast<C*>(mine + groups_end);  // [3][K]
     C* own_rows = reinterpret_cast<C*>(mine + groups_end + scratch.grads_bytes);

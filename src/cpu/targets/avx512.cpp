@@ -1,6 +1,7 @@
 // The CPU kernels built for avx512 (compile flags in CMakeLists.txt).
 #include <omp.h>
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>

@@ -1,6 +1,7 @@
 // The CPU kernels built for baseline (compile flags in CMakeLists.txt).
 #include <omp.h>
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>

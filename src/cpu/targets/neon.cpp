@@ -2,6 +2,7 @@
 #include <arm_neon.h>
 #include <omp.h>
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>

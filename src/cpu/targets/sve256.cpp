@@ -4,6 +4,7 @@
 #include <arm_sve.h>
 #include <omp.h>
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
