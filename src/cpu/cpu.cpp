@@ -302,7 +302,7 @@ struct ScratchBuffer {
     // K samples of one query live in scratch: a K whose arrays cannot exist is a bad_alloc,
     // never a wrapped size (validate() bounds K only by the sampling tensors' byte count).
     if (p.K > (std::int64_t(1) << 40) || p.D > (std::int64_t(1) << 40)) throw std::bad_alloc();
-    auto round_up = [](std::size_t x) { return (x + 63) / 64 * 64; };
+    constexpr auto round_up = round_up_to_line;
     const auto LP = static_cast<std::size_t>(p.K);
     scratch.channels_bytes = round_up(static_cast<std::size_t>(p.D) * 8);
     scratch.group_capacity = static_cast<std::int64_t>((LP + 7) / 8 * 8);

@@ -28,13 +28,17 @@ enum class RowSum : char { copy, in_place, owner };
 // Bytes of one owner-computes corner record, at most (kernels.inl, CornerRecord).
 inline constexpr std::size_t kCornerRecordBytes = 16;
 
+// Bytes rounded up to a whole number of 64-byte cache lines: every array of a thread's slice starts
+// on a line of its own.
+inline constexpr std::size_t round_up_to_line(std::size_t bytes) { return (bytes + 63) / 64 * 64; }
+
 // Where the owner-computes area's arrays start within it, and its size (Scratch::owner_at).
 struct OwnerLayout {
   std::size_t records, bucketed, ends, bytes;  // the grad_output rows start at 0
 };
 inline OwnerLayout owner_layout(std::int64_t queries, std::int64_t D, std::size_t compute_bytes,
                                 std::int64_t records, std::int64_t rows) {
-  auto round_up = [](std::size_t x) { return (x + 63) / 64 * 64; };
+  constexpr auto round_up = round_up_to_line;
   OwnerLayout o;
   o.records = round_up(static_cast<std::size_t>(queries * D) * compute_bytes);
   o.bucketed = o.records + round_up(static_cast<std::size_t>(records) * kCornerRecordBytes);

@@ -1081,8 +1081,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
       // The part's rows: those of (n, m) and its levels, the same for all its bands and query ranges.
       const std::int64_t rows_key = part / bands / query_parts;
       if (head_rows && held != rows_key) {
-        copy_head_rows<kD>(p, value, n, m, p.level_start[l_begin],
-                       (l_end < p.L ? p.level_start[l_end] : p.S) - p.level_start[l_begin], head_rows);
+        copy_head_rows<kD>(p, value, n, m, p.level_start[l_begin], part_rows, head_rows);
         held = rows_key;
       }
       const V* const part_value = head_rows ? head_rows : value + p.value_offset(n, p.level_start[l_begin], m);
