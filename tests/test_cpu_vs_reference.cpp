@@ -324,6 +324,49 @@ TEST(CpuVsReferenceMisc, AutomaticBackendAndThreadCountsMatchTheTruth) {
   }
 }
 
+// An off-map corner adds nothing to grad_value, not even 0 * grad_output: with infinite
+// grad_output entries, a kernel that added off-map corners' zero-weight terms to some real row (a
+// misplaced spare row of the branch-free scatter, say) would make it NaN where the truth is
+// finite. Every element must be non-finite exactly where the truth's is, and the finite ones close
+// to it: for every instruction set and every way of summing rows (copy, in place, owner-computes),
+// at compile-time and runtime D.
+TEST(CpuVsReferenceMisc, OffMapCornersAddNothingEvenWithInfiniteGradOutput) {
+  using Scatter = msda::CpuTuning::Scatter;
+  const double inf = std::numeric_limits<double>::infinity();
+  std::uint64_t index = 0;
+  for (std::int64_t d : {32, 5})
+    for (Locations kind : {Locations::borders, Locations::edges, Locations::wide})
+      for (const DTypes& mix : {DTypes{msda::DType::f32, msda::DType::f32, msda::DType::f32},
+                                DTypes{msda::DType::bf16, msda::DType::f32, msda::DType::f32},
+                                DTypes{msda::DType::f64, msda::DType::f64, msda::DType::f64}}) {
+        Case c = make_case(shape(1, 2, d, 30, 4, {{6, 9}, {3, 4}}), mix, kind, case_seed(index++));
+        for (std::int64_t e = 0; e < c.tensors.grad_output.size(); e += 7) c.tensors.grad_output.set(e, e % 2 ? inf : -inf);
+        SCOPED_TRACE(c.label + ", every 7th grad_output element infinite");
+        const std::vector<double> truth = truth_of(c).grad_value.to_double();
+        std::int64_t finite = 0;
+        for (double x : truth) finite += std::isfinite(x);
+        ASSERT_GT(finite, 0);
+        ASSERT_LT(finite, static_cast<std::int64_t>(truth.size())) << "no infinite gradient reached grad_value";
+        for (msda::Isa isa : cpu_isas())
+          for (Scatter how : {Scatter::automatic, Scatter::copy, Scatter::in_place, Scatter::owner}) {
+            SCOPED_TRACE("isa " + std::string(msda::name(isa)) + ", scatter " + std::to_string(static_cast<int>(how)));
+            msda::Options options{0, Backend::cpu, isa};
+            options.tuning.scatter = how;
+            Results got(c.problem);
+            run_all(c.problem, c.tensors, got, options);
+            const std::vector<double> g = got.grad_value.to_double();
+            std::vector<double> got_finite, truth_finite;
+            std::int64_t mismatched = 0;
+            for (std::size_t i = 0; i < truth.size(); ++i) {
+              if (std::isfinite(g[i]) != std::isfinite(truth[i])) ++mismatched;
+              if (std::isfinite(g[i]) && std::isfinite(truth[i])) got_finite.push_back(g[i]), truth_finite.push_back(truth[i]);
+            }
+            EXPECT_EQ(mismatched, 0) << "grad_value elements finite in one and not the other";
+            EXPECT_TRUE(close(got_finite, truth_finite, tolerance(mix.value))) << "grad_value's finite elements";
+          }
+      }
+}
+
 // Subnormal values (f32: below 1.2e-38; f16: below 6.1e-5) are numbers like any other: a kernel
 // that flushes them to zero (FTZ/DAZ, fast-math) loses whole outputs.
 TEST(CpuVsReferenceMisc, SubnormalValues) {
