@@ -340,7 +340,8 @@ TEST(CpuVsReferenceMisc, OffMapCornersAddNothingEvenWithInfiniteGradOutput) {
                                 DTypes{msda::DType::bf16, msda::DType::f32, msda::DType::f32},
                                 DTypes{msda::DType::f64, msda::DType::f64, msda::DType::f64}}) {
         Case c = make_case(shape(1, 2, d, 30, 4, {{6, 9}, {3, 4}}), mix, kind, case_seed(index++));
-        for (std::int64_t e = 0; e < c.tensors.grad_output.size(); e += 7) c.tensors.grad_output.set(e, e % 2 ? inf : -inf);
+        for (std::int64_t e = 0; e < c.tensors.grad_output.size(); e += 7)
+          c.tensors.grad_output.set(e, e % 2 ? inf : -inf);
         SCOPED_TRACE(c.label + ", every 7th grad_output element infinite");
         const std::vector<double> truth = truth_of(c).grad_value.to_double();
         std::int64_t finite = 0;
@@ -348,8 +349,9 @@ TEST(CpuVsReferenceMisc, OffMapCornersAddNothingEvenWithInfiniteGradOutput) {
         ASSERT_GT(finite, 0);
         ASSERT_LT(finite, static_cast<std::int64_t>(truth.size())) << "no infinite gradient reached grad_value";
         for (msda::Isa isa : cpu_isas())
-          for (Scatter how : {Scatter::automatic, Scatter::copy, Scatter::in_place, Scatter::owner}) {
-            SCOPED_TRACE("isa " + std::string(msda::name(isa)) + ", scatter " + std::to_string(static_cast<int>(how)));
+          for (auto [how, way] : {std::pair{Scatter::automatic, "automatic"}, std::pair{Scatter::copy, "copy"},
+                                  std::pair{Scatter::in_place, "in_place"}, std::pair{Scatter::owner, "owner"}}) {
+            SCOPED_TRACE("isa " + std::string(msda::name(isa)) + ", scatter " + way);
             msda::Options options{0, Backend::cpu, isa};
             options.tuning.scatter = how;
             Results got(c.problem);

@@ -313,8 +313,9 @@ struct ScratchBuffer {
       scratch.query_parts = plan->query_parts;
       scratch.band_rows = plan->band_rows;
       scratch.bands = plan->bands;
-      // 3*K gradients of one query, then a spare row: where off-map corners' scatter goes.
+      // 3*K gradients of one query, then the spare row, where off-map corners' scatter adds.
       scratch.grads_bytes = round_up(LP * 3 * 8) + round_up(static_cast<std::size_t>(p.D) * 8);
+      scratch.spare_row_at = scratch.channels_bytes + kGroups * scratch.group_bytes + round_up(LP * 3 * 8);
       scratch.row_sums = plan->row_sums.empty() ? nullptr : plan->row_sums.data();
       std::int64_t rows = plan->levels_per_part == p.L ? p.S : max_level_rows(p);
       if (plan->band_rows > 0) rows = std::min(rows, plan->band_rows);

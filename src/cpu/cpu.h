@@ -64,7 +64,8 @@ struct Scratch {
   std::size_t stride = 0;          // bytes per thread, a multiple of 64 (no false sharing)
   std::size_t channels_bytes = 0;  // D elements of the widest compute type
   std::size_t group_bytes = 0;     // kGroupBytesPerSample per sample of a group (kGroups per thread)
-  std::size_t grads_bytes = 0;     // backward: 3*K gradients of one query, then a spare row (D)
+  std::size_t grads_bytes = 0;     // backward: 3*K gradients of one query, then the spare row
+  std::size_t spare_row_at = 0;    // backward: D elements of the compute type where off-map corners add
   std::int64_t group_capacity = 0; // samples per geometry group, a multiple of 8
   std::int64_t levels_per_part = 0; // backward: levels of one part (all of them, or 1)
   std::int64_t query_parts = 1;     // backward without grad_value: query ranges per part

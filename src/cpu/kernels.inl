@@ -1010,7 +1010,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
     C* own_rows = reinterpret_cast<C*>(mine + groups_end + scratch.grads_bytes);
     // Where off-map corners' scatter adds (scatter_samples), zeroed: never read, but left as the
     // allocation found it, it could hold subnormals, whose arithmetic is slow on some CPUs.
-    C* const spare_row = reinterpret_cast<C*>(mine + groups_end + round_up_to_line(static_cast<std::size_t>(p.K) * 3 * 8));
+    C* const spare_row = reinterpret_cast<C*>(mine + scratch.spare_row_at);
     __builtin_memset(static_cast<void*>(spare_row), 0, static_cast<std::size_t>(D) * sizeof(C));
     // Staged (cpu.cpp: only with the dot products): the part's value rows, copied contiguous.
     V* head_rows = scratch.head_rows_at > 0 ? reinterpret_cast<V*>(mine + scratch.head_rows_at) : nullptr;
