@@ -574,15 +574,12 @@ template <int kD, class V>
 MSDA_INLINE void copy_head_rows(const Params& p, const V* value, std::int64_t n, std::int64_t m, std::int64_t first_row,
                                 std::int64_t rows, V* dst) {
   constexpr std::int64_t kAhead = 16;
-  const std::int64_t D = p.D, stride = p.M * D;
+  const std::int64_t D = kD > 0 ? kD : p.D, stride = p.M * D;
   const std::size_t row_bytes = static_cast<std::size_t>(D) * sizeof(V);
   const V* src = value + p.value_offset(n, first_row, m);
   for (std::int64_t r = 0; r < rows; ++r) {
     if (r + kAhead < rows) prefetch(src + (r + kAhead) * stride, row_bytes);
-    if constexpr (kD > 0)
-      __builtin_memcpy(static_cast<void*>(dst + r * kD), src + r * stride, kD * sizeof(V));
-    else
-      __builtin_memcpy(static_cast<void*>(dst + r * D), src + r * stride, row_bytes);
+    __builtin_memcpy(static_cast<void*>(dst + r * D), src + r * stride, row_bytes);
   }
 }
 
@@ -1167,12 +1164,13 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
           C* const acc = level_acc(l);
           const bool owner = owner_part && row_sum(l) == RowSum::owner;
           const std::int64_t stride = acc_stride(l);
-          if (acc && whole_part && (kBlock >= 2 || !want_dots)) {
-            scatter_samples(g, group, s, s + p.points[l], acc, stride, spare_row);
-            s += p.points[l];
-            continue;
-          }
-          for (std::int64_t pt = 0; pt < p.points[l]; ++pt, ++s) {
+          // A whole part's rows take the branch-free scatter after the level's samples; the
+          // per-sample loop is left with what is per sample: the dot products where they are not
+          // blocked, owner-computes' records, and banded parts' rows (which need a range check).
+          const bool banded_acc = acc && !whole_part;
+          const bool per_sample = (kBlock < 2 && want_dots) || owner || banded_acc;
+          const std::int64_t level_first = s;
+          for (std::int64_t pt = 0; per_sample && pt < p.points[l]; ++pt, ++s) {
             const C a = static_cast<C>(group.a[s]);
             std::int64_t pixel[4];
             C w[4];
@@ -1208,7 +1206,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
               grads[count + 2 * k] = canonical_nan<C>(a * W * sums[1]);
               grads[count + 2 * k + 1] = canonical_nan<C>(a * H * sums[2]);
             }
-            if (acc)
+            if (banded_acc)
               for (int c = 0; c < 4; ++c) {
                 const std::int64_t row = pixel[c] - row_begin;
                 if (pixel[c] >= 0 && static_cast<std::uint64_t>(row) < static_cast<std::uint64_t>(rows))
@@ -1221,6 +1219,8 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
                   records[recorded++] = {static_cast<std::int32_t>(row), static_cast<std::int32_t>(q - q_begin), a * w[c]};
               }
           }
+          s = level_first + p.points[l];
+          if (acc && whole_part) scatter_samples(g, group, level_first, s, acc, stride, spare_row);
         }
         // Discrete sampling: the pixel choice is piecewise constant, so no location gradient (the
         // dot products above formed one from the off-map corners' zeros).
