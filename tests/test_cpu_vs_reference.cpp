@@ -349,8 +349,7 @@ TEST(CpuVsReferenceMisc, OffMapCornersAddNothingEvenWithInfiniteGradOutput) {
         ASSERT_GT(finite, 0);
         ASSERT_LT(finite, static_cast<std::int64_t>(truth.size())) << "no infinite gradient reached grad_value";
         // 8 threads with parts of one level: more threads than parts, so grad_value is summed in a
-        // pass of its own (cpu.cpp), the branch-free scatter's path where the dot products are
-        // per sample (runtime D, NEON f32).
+        // pass of its own (cpu.cpp), without the dot products.
         for (msda::Isa isa : cpu_isas())
           for (int threads : {0, 8})
             for (auto [how, way] : {std::pair{Scatter::automatic, "automatic"}, std::pair{Scatter::copy, "copy"},
