@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The CPU backend on 64-bit Arm, checked on an x86-64 machine, bounded for CI (about 4.5 minutes
-# on 2 cores from a clean tree, 3 when GoogleTest and the build are there already):
+# The CPU backend on 64-bit Arm, checked on an x86-64 machine, bounded for CI (about 6 minutes
+# on 2 cores from a clean tree, 4 when GoogleTest and the build are there already):
 #   1. Debian 12's AArch64 cross toolchain and qemu-user (installed through install-deps.sh when
 #      missing), and GoogleTest built for AArch64 from Debian's googletest sources
 #      (/usr/src/googletest) into build-arm64/googletest, once;
@@ -14,14 +14,15 @@
 #                                      would end the run)
 #        baseline  -cpu max,sve128=on  SVE, 128-bit vectors (as Graviton4, Grace): sve256 refused
 #        best      -cpu a64fx          SVE, 512-bit vectors: sve256 refused, best is neon (a subset)
-#      Each run first checks the instruction sets the emulated CPU is said to support (the suite
-#      prints them). LargeTensors.* (a 4.3 GB tensor, about a minute under emulation) always runs
+#      Each run is one qemu process per core (scripts/gtest-shards.sh), and first checks the
+#      instruction sets the emulated CPU is said to support (the suite prints them). LargeTensors.* (a 4.3 GB tensor, about a minute under emulation) always runs
 #      `best`: the sve256 and neon runs have it, the baseline run leaves it out (it would test
 #      neon again). The demo runs once on each of those two CPUs, checked against the reference.
 # Emulation measures nothing about speed: no timing of msda is printed. Prints a summary with the
 # tests and seconds of each step; exits non-zero if any step fails.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source scripts/gtest-shards.sh
 
 triple=aarch64-linux-gnu
 build=build-arm64
@@ -90,8 +91,8 @@ suite() {
   local log=$build/tests-$name.log
   echo "== msda arm64: $name: C++ tests, isa $isa, qemu -cpu $cpu${5:+, filter $filter}"
   local t=$SECONDS
-  MSDA_TEST_ISA=$isa timeout -k 10 900 "${qemu[@]}" -cpu "$cpu" "$build/tests/msda_tests" --gtest_brief=1 \
-    --gtest_filter="$filter" >"$log" 2>&1
+  MSDA_TEST_ISA=$isa gtest_shards "$log" timeout -k 10 900 "${qemu[@]}" -cpu "$cpu" "$build/tests/msda_tests" \
+    --gtest_brief=1 --gtest_filter="$filter"
   local status=$?
   local supported
   supported=$(sed -n 's/^msda tests: cpu backend instruction sets: *//p' "$log" | head -n 1)
@@ -101,7 +102,7 @@ suite() {
   fi
   ((status)) && tail -n 60 "$log"
   local ran
-  ran=$(grep -Eo '[0-9]+ tests? from [0-9]+ test suites? ran' "$log" | head -n 1)
+  ran=$(gtest_ran "$log")
   record "$(printf '%-8s (-cpu %s)' "$isa" "$cpu")" $t $status "${ran:-no summary}; supported: ${supported:-?}"
 }
 
