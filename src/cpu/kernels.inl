@@ -139,6 +139,12 @@ MSDA_INLINE void prefetch(const void* p, std::size_t bytes) {
   for (std::size_t at = 0; at < bytes; at += 64) __builtin_prefetch(c + at);
 }
 
+// Asks for the lines of [p, p + bytes) in a state that a store can take without waiting.
+MSDA_INLINE void prefetch_for_write(void* p, std::size_t bytes) {
+  char* c = static_cast<char*>(p);
+  for (std::size_t at = 0; at < bytes; at += 64) __builtin_prefetch(c + at, 1);
+}
+
 // The bytes of `count` samples' locations and weights from sample `first`.
 MSDA_INLINE void prefetch_samples(const Params& p, std::int64_t first, std::int64_t count) {
   prefetch(static_cast<const char*>(p.locations) + 2 * first * p.location_bytes, 2 * count * p.location_bytes);
@@ -1130,6 +1136,12 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
         if (q + kPrefetchQueries < q_end) {
           prefetch_samples(p, p.sample_index(n, q + kPrefetchQueries, m, l_begin, 0), count);
           prefetch(grad_out + p.output_offset(n, q + kPrefetchQueries, m), static_cast<std::size_t>(D) * sizeof(V));
+          const std::int64_t ahead = p.sample_index(n, q + kPrefetchQueries, m, l_begin, 0);
+          if (p.grad_weights)
+            prefetch_for_write(static_cast<char*>(p.grad_weights) + ahead * p.weight_bytes, count * p.weight_bytes);
+          if (p.grad_locations)
+            prefetch_for_write(static_cast<char*>(p.grad_locations) + 2 * ahead * p.location_bytes,
+                               2 * count * p.location_bytes);
         }
         Group<C>& group = groups[slot];
         if (q + 2 < q_end) load_query(groups[(slot + 2) % kGroups], q + 2);
