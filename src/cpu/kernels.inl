@@ -1260,7 +1260,13 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
             continue;
           }
           if (in_place(l)) continue;
+          // The rows go out one per head's stride (M * D apart), a pattern the hardware's
+          // prefetchers do not follow across pages: each row's line is asked for, for writing,
+          // kRowsAhead rows before its store.
+          constexpr std::int64_t kRowsAhead = 16;
           for (std::int64_t r = r0; r < r1; ++r) {
+            if (r + kRowsAhead < r1)
+              prefetch_for_write(grad_value + p.value_offset(n, first_row + r + kRowsAhead, m), static_cast<std::size_t>(D) * sizeof(V));
             V* dst = grad_value + p.value_offset(n, first_row + r, m);
             for (std::int64_t d = 0; d < D; ++d) dst[d] = Storage<V>::store(own_rows[r * D + d]);
           }
