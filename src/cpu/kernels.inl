@@ -720,8 +720,13 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
                                        const V*& rows) MSDA_INLINE_LAMBDA {
           q = q_begin + i;
           row_n = n, row_m = m, rows = head_rows;
-          // One head's queries: their samples sit M*L*P apart, so fetch ahead.
-          if (q + kPrefetchQueries < q_end) prefetch_samples(p, p.sample_index(n, q + kPrefetchQueries, m, 0, 0), LP);
+          // One head's queries: their samples sit M*L*P apart, so fetch ahead, and their output
+          // rows M*D apart, a stride the hardware's prefetchers do not follow across pages: ask
+          // for those lines, for writing, as far ahead.
+          if (q + kPrefetchQueries < q_end) {
+            prefetch_samples(p, p.sample_index(n, q + kPrefetchQueries, m, 0, 0), LP);
+            prefetch_for_write(out + p.output_offset(n, q + kPrefetchQueries, m), static_cast<std::size_t>(D) * sizeof(V));
+          }
         });
       });
     } else {
