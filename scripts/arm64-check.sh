@@ -15,9 +15,10 @@
 #        baseline  -cpu max,sve128=on  SVE, 128-bit vectors (as Graviton4, Grace): sve256 refused
 #        best      -cpu a64fx          SVE, 512-bit vectors: sve256 refused, best is neon (a subset)
 #      Each run is one qemu process per core (scripts/gtest-shards.sh), and first checks the
-#      instruction sets the emulated CPU is said to support (the suite prints them). LargeTensors.* (a 4.3 GB tensor, about a minute under emulation) always runs
-#      `best`: the sve256 and neon runs have it, the baseline run leaves it out (it would test
-#      neon again). The demo runs once on each of those two CPUs, checked against the reference.
+#      instruction sets the emulated CPU is said to support (the suite prints them).
+#      LargeTensors.* (a 4.3 GB tensor, about a minute under emulation) always runs `best`: the
+#      sve256 and neon runs have it, the baseline run leaves it out (it would test neon again).
+#      The demo runs once on each of those two CPUs, checked against the reference.
 # Emulation measures nothing about speed: no timing of msda is printed. Prints a summary with the
 # tests and seconds of each step; exits non-zero if any step fails.
 set -uo pipefail

@@ -6,7 +6,9 @@
 #   gtest_shards LOG COMMAND...
 # runs COMMAND (a test binary and its arguments, behind any wrapper: timeout, qemu) as
 # MSDA_TEST_SHARDS processes (default: the number of cores), shard i writing LOG.i, then appends
-# every shard's log to LOG in order. Returns the first non-zero status of a shard, else 0.
+# every shard's log to LOG in order. Returns the first non-zero status of a shard, else 0; the
+# last lines of each failing shard's log are printed to stderr (LOG's own tail is the last
+# shard's).
 #   gtest_ran LOG
 # prints "N tests ran in S shards", N summed over the shards in LOG.
 
@@ -14,6 +16,10 @@ gtest_shards() {
   local log=$1
   shift
   local shards=${MSDA_TEST_SHARDS:-$(nproc)}
+  if ! [[ $shards =~ ^[1-9][0-9]*$ ]]; then
+    echo "gtest_shards: MSDA_TEST_SHARDS must be a whole number of at least 1, got '$shards'" >&2
+    return 2
+  fi
   local pids=() i status=0 s
   for ((i = 0; i < shards; ++i)); do
     GTEST_TOTAL_SHARDS=$shards GTEST_SHARD_INDEX=$i "$@" >"$log.$i" 2>&1 &
@@ -22,7 +28,11 @@ gtest_shards() {
   for ((i = 0; i < shards; ++i)); do
     wait "${pids[$i]}"
     s=$?
-    ((status == 0)) && status=$s
+    if ((s != 0)); then
+      echo "gtest_shards: shard $i of $shards exited with status $s; its log ends:" >&2
+      tail -n 40 "$log.$i" >&2
+      ((status == 0)) && status=$s
+    fi
   done
   : >"$log"
   for ((i = 0; i < shards; ++i)); do
