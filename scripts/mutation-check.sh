@@ -52,14 +52,36 @@ build_suite() { cmake --build "$build" -j"$(nproc)" --target msda_cuda_emulated_
 # run_suite: 0 when every test passes in both configurations; the failed tests' names on stdout.
 # A run past the timeout (the unmutated suite takes ~27 s here) counts as caught, as CTest's
 # timeout would fail it: a stride that forgets a factor can make the loops crawl rather than fail.
+# The two configurations run side by side (the emulator is single-threaded); the first to fail
+# ends the other, and a mutation only the small grid catches no longer waits for a whole run of
+# the other first.
 run_suite() {
-  local log=$build/mutation-run.log rc=0 grid=""
-  timeout -k 10 "$per_run_timeout" "$exe" --gtest_brief=1 --gtest_fail_fast >"$log" 2>&1 || rc=$?
-  if ((rc == 0)); then
-    grid=" (small grid)"
-    MSDA_CUDA_MAX_BLOCKS=1 MSDA_CUDA_CHUNK_RECORDS=3 timeout -k 10 "$per_run_timeout" "$exe" --gtest_brief=1 \
-      --gtest_fail_fast >"$log" 2>&1 || rc=$?
-  fi
+  local log=$build/mutation-run.log small_log=$build/mutation-run-small.log rc=0 grid="" pid small_pid done_pid s
+  timeout -k 10 "$per_run_timeout" "$exe" --gtest_brief=1 --gtest_fail_fast >"$log" 2>&1 &
+  pid=$!
+  MSDA_CUDA_MAX_BLOCKS=1 MSDA_CUDA_CHUNK_RECORDS=3 timeout -k 10 "$per_run_timeout" "$exe" --gtest_brief=1 \
+    --gtest_fail_fast >"$small_log" 2>&1 &
+  small_pid=$!
+  local running=("$pid" "$small_pid") left p
+  while ((${#running[@]} > 0)); do
+    s=0
+    wait -n -p done_pid "${running[@]}" || s=$?
+    left=()
+    for p in "${running[@]}"; do [[ $p == "$done_pid" ]] || left+=("$p"); done
+    running=("${left[@]}")
+    if ((s != 0)); then
+      rc=$s
+      if [[ $done_pid == "$small_pid" ]]; then
+        grid=" (small grid)"
+        log=$small_log
+      fi
+      if ((${#running[@]} > 0)); then
+        kill "${running[@]}" 2>/dev/null || true
+        wait "${running[@]}" 2>/dev/null || true
+      fi
+      break
+    fi
+  done
   if ((rc == 124 || rc == 137)); then
     echo "timed out after $per_run_timeout s$grid"
   elif ((rc != 0)); then
