@@ -5,10 +5,10 @@
 #      ASan warns that it does not fully support the emulator's swapcontext, and has reported
 #      nothing false there), each as one process per core (scripts/gtest-shards.sh), and the
 #      example smoke tests.
-#   2. build-tsan: ThreadSanitizer on the multi-threaded tests (Determinism*, *Thread*), best ISA. GCC's
-#      libgomp is not TSan-instrumented (false positives), so this build links LLVM's OpenMP
-#      runtime (libomp, from libomp-14-dev) and runs with its TSan tool, Archer, which tells TSan
-#      about OpenMP's barriers and tasks.
+#   2. build-tsan: ThreadSanitizer on the multi-threaded tests (Determinism*, *Thread*), on the
+#      best instruction set. GCC's libgomp is not TSan-instrumented (false positives), so this
+#      build links LLVM's OpenMP runtime (libomp, from libomp-14-dev) and runs with its TSan tool,
+#      Archer, which tells TSan about OpenMP's barriers and tasks.
 #   3. build-fuzz: the libFuzzer harness fuzz/fuzz_msda (ASan + UBSan) for MSDA_FUZZ_SECONDS
 #      (default 60) from the seed corpus fuzz/corpus (new inputs go to build-fuzz/corpus, crashes to
 #      build-fuzz/artifacts/).
@@ -106,9 +106,10 @@ record "tsan build (libomp)" $t $status
 if [[ $status -eq 0 ]]; then
   echo "== msda sanitize: threaded tests under TSan + Archer"
   t=$SECONDS
-  # One instruction set (best): the threads' plans, parts and reductions are the same code for
-  # every ISA, and the tests that loop over ISAs took most of the run (175 s for all four, Intel
-  # Xeon, 2 cores). The ASan run and scripts/test.sh keep every ISA.
+  # One instruction set (best): how work is split among threads (cpu.cpp) and the parallel loops
+  # are the same source for every ISA, whose kernels differ in vector width; the tests that loop
+  # over ISAs took most of the run (175 s for all four, Intel Xeon, 2 cores). The ASan run and
+  # scripts/test.sh keep every ISA.
   MSDA_TEST_ISA=best OMP_TOOL_LIBRARIES="$llvm_lib/libarcher.so" ARCHER_OPTIONS=verbose=1 \
     TSAN_OPTIONS="ignore_noninstrumented_modules=1 exitcode=66 ${TSAN_OPTIONS:-}" \
     timeout -k 10 1200 build-tsan/tests/msda_tests --gtest_brief=1 --gtest_filter='*Determinism*:*Thread*' \

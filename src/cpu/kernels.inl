@@ -1146,6 +1146,8 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
           const std::int64_t ahead = p.sample_index(n, q + kPrefetchQueries, m, l_begin, 0);
           prefetch_samples(p, ahead, count);
           prefetch(grad_out + p.output_offset(n, q + kPrefetchQueries, m), static_cast<std::size_t>(D) * sizeof(V));
+          // And the lines its weight and location gradients will be stored to (written once:
+          // each store would otherwise wait for its line).
           if (p.grad_weights)
             prefetch_for_write(static_cast<char*>(p.grad_weights) + ahead * p.weight_bytes, count * p.weight_bytes);
           if (p.grad_locations)
