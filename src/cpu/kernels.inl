@@ -106,7 +106,9 @@ struct Channels {
     if constexpr (kD > 0) {
       for (int r = 0; r < kRegs; ++r) store(dst + r * kL, reg[r]);
     } else {
-      for (std::int64_t d = 0; d < D; ++d) dst[d] = Storage<V>::store(mem[d]);
+      std::int64_t d = 0;
+      for (; d + kL <= D; d += kL) store(dst + d, load_compute(mem + d));
+      for (; d < D; ++d) dst[d] = Storage<V>::store(mem[d]);
     }
   }
 };
@@ -1279,7 +1281,10 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
             if (r + kRowsAhead < r1)
               prefetch_for_write(grad_value + p.value_offset(n, first_row + r + kRowsAhead, m), static_cast<std::size_t>(D) * sizeof(V));
             V* dst = grad_value + p.value_offset(n, first_row + r, m);
-            for (std::int64_t d = 0; d < D; ++d) dst[d] = Storage<V>::store(own_rows[r * D + d]);
+            const C* src = own_rows + r * D;
+            std::int64_t d = 0;
+            for (; d + kLanes<C> <= D; d += kLanes<C>) store(dst + d, load_compute(src + d));
+            for (; d < D; ++d) dst[d] = Storage<V>::store(src[d]);
           }
         }
     });
