@@ -50,6 +50,17 @@ MSDA_INLINE Vec<Compute<V>> load(const V* p) {
 #elif defined(MSDA_TARGET_NEON)
     const uint32x4_t wide = vshll_n_u16(vld1_u16(reinterpret_cast<const std::uint16_t*>(p)), 16);
     __builtin_memcpy(&v, &wide, sizeof(v));
+#elif defined(MSDA_X86) && MSDA_VEC_BYTES == 64
+    // x86 spelled out too: GCC 12 widens the generic form in 128-bit pieces (two loads, two
+    // vpmovzxwd, an extract and an insert per vector), which made a bf16 forward's taps twice
+    // an f32 one's; one vpmovzxwd from memory and a shift. (The masked forms: GCC 12 warns of
+    // the unmasked ones' undefined destinations.)
+    const __m512i narrow = _mm512_maskz_cvtepu16_epi32(0xFFFF, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    const __m512i wide = _mm512_maskz_slli_epi32(0xFFFF, narrow, 16);
+    __builtin_memcpy(&v, &wide, sizeof(v));
+#elif defined(MSDA_X86) && MSDA_VEC_BYTES == 32
+    const __m256i wide = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+    __builtin_memcpy(&v, &wide, sizeof(v));
 #else
     typedef std::uint16_t Narrow __attribute__((vector_size(MSDA_VEC_BYTES / 2)));
     typedef std::uint32_t Wide __attribute__((vector_size(MSDA_VEC_BYTES)));
