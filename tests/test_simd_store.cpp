@@ -45,23 +45,25 @@ std::vector<std::uint32_t> patterns() {
   return bits;
 }
 
+// A target's mismatch counter (msda_store_mismatches_<target>) over patterns(), bf16 then f16.
+void expect_no_mismatches(std::int64_t (*mismatches)(bool, const std::uint32_t*, std::int64_t)) {
+  const std::vector<std::uint32_t> bits = patterns();
+  const auto count = static_cast<std::int64_t>(bits.size());
+  EXPECT_EQ(mismatches(false, bits.data(), count), 0) << "bf16, of " << count;
+  EXPECT_EQ(mismatches(true, bits.data(), count), 0) << "f16, of " << count;
+}
+
 TEST(SimdStore, Avx512RoundsLikeTheScalarConversion) {
   if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
       !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq"))
     GTEST_SKIP() << "this CPU has no AVX-512";
-  const std::vector<std::uint32_t> bits = patterns();
-  const auto count = static_cast<std::int64_t>(bits.size());
-  EXPECT_EQ(msda_store_mismatches_avx512(false, bits.data(), count), 0) << "bf16, of " << count;
-  EXPECT_EQ(msda_store_mismatches_avx512(true, bits.data(), count), 0) << "f16, of " << count;
+  expect_no_mismatches(msda_store_mismatches_avx512);
 }
 
 TEST(SimdStore, Avx2RoundsLikeTheScalarConversion) {
   if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c"))
     GTEST_SKIP() << "this CPU has no AVX2";
-  const std::vector<std::uint32_t> bits = patterns();
-  const auto count = static_cast<std::int64_t>(bits.size());
-  EXPECT_EQ(msda_store_mismatches_avx2(false, bits.data(), count), 0) << "bf16, of " << count;
-  EXPECT_EQ(msda_store_mismatches_avx2(true, bits.data(), count), 0) << "f16, of " << count;
+  expect_no_mismatches(msda_store_mismatches_avx2);
 }
 
 }  // namespace

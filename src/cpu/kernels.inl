@@ -106,9 +106,7 @@ struct Channels {
     if constexpr (kD > 0) {
       for (int r = 0; r < kRegs; ++r) store(dst + r * kL, reg[r]);
     } else {
-      std::int64_t d = 0;
-      for (; d + kL <= D; d += kL) store(dst + d, load_compute(mem + d));
-      for (; d < D; ++d) dst[d] = Storage<V>::store(mem[d]);
+      store_elements(dst, mem, D);
     }
   }
 };
@@ -1280,11 +1278,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
           for (std::int64_t r = r0; r < r1; ++r) {
             if (r + kRowsAhead < r1)
               prefetch_for_write(grad_value + p.value_offset(n, first_row + r + kRowsAhead, m), static_cast<std::size_t>(D) * sizeof(V));
-            V* dst = grad_value + p.value_offset(n, first_row + r, m);
-            const C* src = own_rows + r * D;
-            std::int64_t d = 0;
-            for (; d + kLanes<C> <= D; d += kLanes<C>) store(dst + d, load_compute(src + d));
-            for (; d < D; ++d) dst[d] = Storage<V>::store(src[d]);
+            store_elements(grad_value + p.value_offset(n, first_row + r, m), own_rows + r * D, D);
           }
         }
     });

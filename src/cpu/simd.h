@@ -143,6 +143,15 @@ MSDA_INLINE void store(V* p, Vec<Compute<V>> v) {
   }
 }
 
+// dst[0:count] = src[0:count] rounded to V: whole vectors through store(), then one at a time.
+template <class V>
+MSDA_INLINE void store_elements(V* dst, const Compute<V>* src, std::int64_t count) {
+  using C = Compute<V>;
+  std::int64_t i = 0;
+  for (; i + kLanes<C> <= count; i += kLanes<C>) store(dst + i, load_compute(src + i));
+  for (; i < count; ++i) dst[i] = Storage<V>::store(src[i]);
+}
+
 // floor() of every lane.
 // (The loop is one instruction on Arm: frintm, on NEON and SVE registers alike.)
 MSDA_INLINE Vec<double> floor_lanes(Vec<double> x) {
