@@ -452,7 +452,9 @@ int main(int argc, char** argv) try {
     }
   }
   std::deque<ScatterFloor> scatter_floors;
-  if (p.channels == 32 && p.value_len < (std::int64_t(1) << 31) && p.queries < (std::int64_t(1) << 31))
+  // Written for AVX-512 as the floors above are: on any other CPU the rows are left out (their
+  // instructions would fault).
+  if (floor.available() && p.value_len < (std::int64_t(1) << 31) && p.queries < (std::int64_t(1) << 31))
     for (auto [way, name] : {std::pair{ScatterFloor::Way::copy, "read-modify-write in sample order into a contiguous copy"},
                              std::pair{ScatterFloor::Way::in_place, "read-modify-write in sample order in grad_value, zeroed"},
                              std::pair{ScatterFloor::Way::owner_computes,
