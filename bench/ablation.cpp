@@ -4,7 +4,8 @@
 //
 //   msda_ablation [--workload ddetr-enc] [--locations encoder|decoder|random] [--dtype f32|bf16]
 //                 [--threads 2] [--repeats 7] [--only TEXT]
-// --only TEXT times only the rows whose name contains TEXT (a profiler's run of one variant).
+// --only TEXT times only the rows whose name contains TEXT (a profiler's run of one variant), or
+// any of several texts separated by | (an A/B of two variants: --only "default|level_parts").
 #include <omp.h>
 
 #include <algorithm>
@@ -24,6 +25,36 @@
 namespace {
 
 using msda::workloads::median_ms;
+
+// The floors' loops are written once, over 16-float vectors (GCC vector extensions), and run
+// under the widest vector instructions this CPU has: f() is inlined whole (flatten) into a copy
+// compiled for AVX-512, one for AVX2, or the baseline (SSE2, NEON), picked at run time, so the
+// floors exist on every machine and use the registers the kernels would.
+#if defined(__x86_64__)
+template <class F>
+__attribute__((target("avx512f"), flatten)) auto on_avx512(const F& f) {
+  return f();
+}
+template <class F>
+__attribute__((target("avx2,fma"), flatten)) auto on_avx2(const F& f) {
+  return f();
+}
+#endif
+template <class F>
+auto with_widest_vectors(const F& f) {
+#if defined(__x86_64__)
+  if (__builtin_cpu_supports("avx512f")) return on_avx512(f);
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return on_avx2(f);
+#endif
+  return f();
+}
+const char* widest_vectors_name() {
+#if defined(__x86_64__)
+  if (__builtin_cpu_supports("avx512f")) return "AVX-512";
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "AVX2";
+#endif
+  return "the baseline's";
+}
 
 
 // The gather floor: for every sample, in the forward kernel's order (blocks of queries, one head
@@ -69,11 +100,7 @@ struct GatherFloor {
 
   typedef float Vec16 __attribute__((vector_size(64)));
 
-  // Summed 16 floats at a time in registers (AVX-512), as the kernels do: loads and adds only.
-  // Written for AVX-512 alone: elsewhere (Arm) it is built for the baseline and never run.
-#if defined(__x86_64__)
-  __attribute__((target("avx512f")))
-#endif
+  // Summed 16 floats at a time in registers, as the kernels do: loads and adds only.
   float sum_job(const float* value, std::size_t job) const {
     const std::int64_t blocks = (p.queries + block - 1) / block, n = static_cast<std::int64_t>(job) / blocks;
     const std::int64_t q0 = static_cast<std::int64_t>(job) % blocks * block, q1 = std::min(q0 + block, p.queries);
@@ -111,18 +138,13 @@ struct GatherFloor {
   }
 
   bool available() const {
-#if defined(__x86_64__)
-    return __builtin_cpu_supports("avx512f") && p.channels == 32 && p.num_levels() <= 16 &&
-           p.value_dtype == msda::DType::f32;
-#else
-    return false;
-#endif
+    return p.channels == 32 && p.num_levels() <= 16 && p.value_dtype == msda::DType::f32;
   }
 
   float run(const float* value, int threads) const {
     float total = 0;
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : total)
-    for (std::size_t job = 0; job < records_per_job.size(); ++job) total += sum_job(value, job);
+    for (std::size_t job = 0; job < records_per_job.size(); ++job) total += with_widest_vectors([&] { return sum_job(value, job); });
     return total;
   }
 };
@@ -183,9 +205,6 @@ struct SortedFloor {
 
   typedef float Vec16 __attribute__((vector_size(64)));
 
-#if defined(__x86_64__)
-  __attribute__((target("avx512f")))
-#endif
   float sum_head(const float* value, std::size_t head) const {
     Vec16 acc[4][2] = {};
     const std::vector<std::int64_t>& offsets = offsets_per_head[head];
@@ -214,7 +233,7 @@ struct SortedFloor {
     const float* base = head_major ? head_major_copy.data() : value;
     float total = 0;
 #pragma omp parallel for schedule(dynamic) num_threads(threads) reduction(+ : total)
-    for (std::size_t head = 0; head < offsets_per_head.size(); ++head) total += sum_head(base, head);
+    for (std::size_t head = 0; head < offsets_per_head.size(); ++head) total += with_widest_vectors([&] { return sum_head(base, head); });
     return total;
   }
 };
@@ -242,9 +261,6 @@ struct BackwardFloor {
 
   typedef float Vec16 __attribute__((vector_size(64)));
 
-#if defined(__x86_64__)
-  __attribute__((target("avx512f")))
-#endif
   static void add_rows(const float* value, float* grad, const std::vector<std::int64_t>& offsets) {
     for (const std::int64_t off : offsets) {
       Vec16 v0, v1, g0, g1;  // D == 32
@@ -269,7 +285,8 @@ struct BackwardFloor {
       for (std::size_t r = 0; r < runs; ++r)
         std::memset(grad + r * kRun, 0, sizeof(float) * std::min(kRun, grad_elements - r * kRun));
 #pragma omp for schedule(dynamic)
-      for (std::size_t head = 0; head < per_head.size(); ++head) add_rows(value, grad, per_head[head]);
+      for (std::size_t head = 0; head < per_head.size(); ++head)
+        with_widest_vectors([&] { add_rows(value, grad, per_head[head]); });
     }
   }
 };
@@ -307,24 +324,12 @@ struct ScatterFloor {
     for (const auto& corners : per_head) most_corners = std::max(most_corners, corners.size());
   }
 
-  typedef float Vec16 __attribute__((vector_size(64)));
+  // 16 floats at p, of any alignment (may_alias: the same memory is read as floats elsewhere).
+  // A reference, not a vector passed by value: no calling convention that depends on the target.
+  typedef float Vec16 __attribute__((vector_size(64), aligned(4), may_alias));
+  static Vec16& as_vec(float* p) { return *reinterpret_cast<Vec16*>(p); }
+  static const Vec16& as_vec(const float* p) { return *reinterpret_cast<const Vec16*>(p); }
 
-#if defined(__x86_64__)
-  __attribute__((target("avx512f")))
-#endif
-  static Vec16 load(const float* src) {
-    Vec16 v;
-    __builtin_memcpy(&v, src, sizeof(v));
-    return v;
-  }
-#if defined(__x86_64__)
-  __attribute__((target("avx512f")))
-#endif
-  static void store(float* dst, Vec16 v) { __builtin_memcpy(dst, &v, sizeof(v)); }
-
-#if defined(__x86_64__)
-  __attribute__((target("avx512f")))
-#endif
   void head(const float* grad_out, float* grad_value, std::size_t nm, std::vector<float>& g, std::vector<float>& rows,
             std::vector<std::int32_t>& start, std::vector<Corner>& bucketed) const {
     constexpr std::int64_t D = 32;
@@ -338,8 +343,8 @@ struct ScatterFloor {
       for (const Corner& c : corners) {
         const Vec16 w = c.weight - Vec16{};
         float* acc = in_place ? out + c.row * M * D : &rows[c.row * D];
-        store(acc, load(acc) + w * load(&g[c.query * D]));
-        store(acc + 16, load(acc + 16) + w * load(&g[c.query * D + 16]));
+        as_vec(acc) += w * as_vec(&g[c.query * D]);
+        as_vec(acc + 16) += w * as_vec(&g[c.query * D + 16]);
       }
       if (!in_place)
         for (std::int64_t r = 0; r < S; ++r) std::memcpy(out + r * M * D, &rows[r * D], sizeof(float) * D);
@@ -354,11 +359,11 @@ struct ScatterFloor {
       for (; at < start[r]; ++at) {
         const Corner& c = bucketed[at];
         const Vec16 w = c.weight - Vec16{};
-        a0 += w * load(&g[c.query * D]);
-        a1 += w * load(&g[c.query * D + 16]);
+        a0 += w * as_vec(&g[c.query * D]);
+        a1 += w * as_vec(&g[c.query * D + 16]);
       }
-      store(out + r * M * D, a0);
-      store(out + r * M * D + 16, a1);
+      as_vec(out + r * M * D) = a0;
+      as_vec(out + r * M * D + 16) = a1;
     }
   }
 
@@ -377,7 +382,8 @@ struct ScatterFloor {
           std::memset(grad_value + r * kRun, 0, sizeof(float) * std::min(kRun, total - r * kRun));
       }
 #pragma omp for schedule(dynamic)
-      for (std::size_t nm = 0; nm < per_head.size(); ++nm) head(grad_out, grad_value, nm, g, rows, start, bucketed);
+      for (std::size_t nm = 0; nm < per_head.size(); ++nm)
+        with_widest_vectors([&] { head(grad_out, grad_value, nm, g, rows, start, bucketed); });
     }
   }
 };
@@ -414,8 +420,10 @@ int main(int argc, char** argv) try {
   std::vector<float> out(out_n), grad_out(out_n, 1.0f),
       gl(2 * samples), gw(samples);
 
-  std::printf("ablation: %s, %s locations, f32, %d threads, median of %d, every row timed in turn\n\n",
-              workload.name.c_str(), std::string(msda::workloads::name(kind)).c_str(), threads, repeats);
+  std::printf("ablation: %s, %s locations, f32, %d threads, median of %d, every row timed in turn; "
+              "floors with %s vectors\n\n",
+              workload.name.c_str(), std::string(msda::workloads::name(kind)).c_str(), threads, repeats,
+              widest_vectors_name());
 
   // Every row is one or two timed calls; the rows take turns, repeat after repeat, so a machine
   // whose speed drifts (a shared VM) moves them all alike and the ratios within a run hold.
@@ -452,8 +460,6 @@ int main(int argc, char** argv) try {
     }
   }
   std::deque<ScatterFloor> scatter_floors;
-  // Written for AVX-512 as the floors above are: on any other CPU the rows are left out (their
-  // instructions would fault).
   if (floor.available() && p.value_len < (std::int64_t(1) << 31) && p.queries < (std::int64_t(1) << 31))
     for (auto [way, name] : {std::pair{ScatterFloor::Way::copy, "read-modify-write in sample order into a contiguous copy"},
                              std::pair{ScatterFloor::Way::in_place, "read-modify-write in sample order in grad_value, zeroed"},
@@ -509,9 +515,20 @@ int main(int argc, char** argv) try {
     variant("isa=" + std::string(msda::name(isa)), o);
   }
 
-  if (!only.empty())
-    rows.erase(std::remove_if(rows.begin(), rows.end(), [&](const Row& row) { return row.name.find(only) == std::string::npos; }),
+  if (!only.empty()) {
+    std::vector<std::string> wanted;  // the |-separated texts of --only
+    for (std::size_t at = 0, bar; at <= only.size(); at = bar + 1) {
+      bar = std::min(only.find('|', at), only.size());
+      wanted.push_back(only.substr(at, bar - at));
+    }
+    rows.erase(std::remove_if(rows.begin(), rows.end(),
+                              [&](const Row& row) {
+                                return std::none_of(wanted.begin(), wanted.end(), [&](const std::string& text) {
+                                  return !text.empty() && row.name.find(text) != std::string::npos;
+                                });
+                              }),
                rows.end());
+  }
   for (Row& row : rows) {  // a warm-up each; a variant this machine cannot run is dropped
     try {
       row.forward();
