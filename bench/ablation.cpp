@@ -1,6 +1,7 @@
 // The CPU backend's techniques switched one at a time, against the gather floor and the
 // backward's floor, on one of SPEC's workloads: what each technique buys, measured in one run
-// (medians of --repeats).
+// (medians of --repeats). Its last line gives issue 24's ratios: the default backward against
+// the default forward and against the floors.
 //
 //   msda_ablation [--workload ddetr-enc] [--locations encoder|decoder|random] [--dtype f32|bf16]
 //                 [--threads 2] [--repeats 7] [--only TEXT]
@@ -556,6 +557,27 @@ int main(int argc, char** argv) try {
     } else {
       std::printf("| %s | %.2f | %.2f |\n", row.name.c_str(), median(row.forward_ms), median(row.backward_ms));
     }
+  }
+  // Issue 24's ratios, from the rows above where they were timed: the default backward against
+  // the default forward and against the two backward floors (which one applies depends on how
+  // sparse the workload's rows are: each corner's rows for encoders, each touched row for decoders).
+  // A timed row's median: the row named `name`, or the first whose name starts with it (`prefix`).
+  auto median_of = [&](const std::string& name, bool prefix, bool forward_column) {
+    for (const Row& row : rows)
+      if (row.forward && (prefix ? row.name.rfind(name, 0) == 0 : row.name == name)) {
+        const std::vector<double>& ms = forward_column ? row.forward_ms : row.backward_ms;
+        return ms.empty() ? 0.0 : median(ms);
+      }
+    return 0.0;
+  };
+  const double forward = median_of("default", false, true), backward = median_of("default", false, false);
+  const double floor_every = median_of("backward floor:", true, false);
+  const double floor_sparse = median_of("backward floor, sparse", true, false);
+  if (forward > 0 && backward > 0) {
+    std::printf("\nbackward / forward (default rows): %.2f", backward / forward);
+    if (floor_every > 0) std::printf("; backward / floor: %.2f", backward / floor_every);
+    if (floor_sparse > 0) std::printf("; backward / sparse floor: %.2f", backward / floor_sparse);
+    std::printf("\n");
   }
   (void)sink;
   return 0;
