@@ -27,6 +27,22 @@ namespace {
 
 using msda::workloads::median_ms;
 
+// The widest vectors this CPU has, asked once.
+enum class Vectors { avx512, avx2, baseline };
+Vectors widest_vectors() {
+  static const Vectors widest = [] {
+#if defined(__x86_64__)
+    if (__builtin_cpu_supports("avx512f")) return Vectors::avx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Vectors::avx2;
+#endif
+    return Vectors::baseline;
+  }();
+  return widest;
+}
+const char* vectors_name(Vectors v) {
+  return v == Vectors::avx512 ? "AVX-512" : v == Vectors::avx2 ? "AVX2" : "the baseline's";
+}
+
 // The floors' loops are written once, over 16-float vectors (GCC vector extensions), and run
 // under the widest vector instructions this CPU has: f() is inlined whole (flatten) into a copy
 // compiled for AVX-512, one for AVX2, or the baseline (SSE2, NEON), picked at run time, so the
@@ -44,19 +60,11 @@ __attribute__((target("avx2,fma"), flatten)) auto on_avx2(const F& f) {
 template <class F>
 auto with_widest_vectors(const F& f) {
 #if defined(__x86_64__)
-  if (__builtin_cpu_supports("avx512f")) return on_avx512(f);
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return on_avx2(f);
+  if (widest_vectors() == Vectors::avx512) return on_avx512(f);
+  if (widest_vectors() == Vectors::avx2) return on_avx2(f);
 #endif
   return f();
 }
-const char* widest_vectors_name() {
-#if defined(__x86_64__)
-  if (__builtin_cpu_supports("avx512f")) return "AVX-512";
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "AVX2";
-#endif
-  return "the baseline's";
-}
-
 
 // The gather floor: for every sample, in the forward kernel's order (blocks of queries, one head
 // at a time), load exactly the in-range corner rows it loads and add them to a running sum, with
@@ -145,7 +153,8 @@ struct GatherFloor {
   float run(const float* value, int threads) const {
     float total = 0;
 #pragma omp parallel for schedule(static) num_threads(threads) reduction(+ : total)
-    for (std::size_t job = 0; job < records_per_job.size(); ++job) total += with_widest_vectors([&] { return sum_job(value, job); });
+    for (std::size_t job = 0; job < records_per_job.size(); ++job)
+      total += with_widest_vectors([&] { return sum_job(value, job); });
     return total;
   }
 };
@@ -234,7 +243,8 @@ struct SortedFloor {
     const float* base = head_major ? head_major_copy.data() : value;
     float total = 0;
 #pragma omp parallel for schedule(dynamic) num_threads(threads) reduction(+ : total)
-    for (std::size_t head = 0; head < offsets_per_head.size(); ++head) total += with_widest_vectors([&] { return sum_head(base, head); });
+    for (std::size_t head = 0; head < offsets_per_head.size(); ++head)
+      total += with_widest_vectors([&] { return sum_head(base, head); });
     return total;
   }
 };
@@ -424,7 +434,7 @@ int main(int argc, char** argv) try {
   std::printf("ablation: %s, %s locations, f32, %d threads, median of %d, every row timed in turn; "
               "floors with %s vectors\n\n",
               workload.name.c_str(), std::string(msda::workloads::name(kind)).c_str(), threads, repeats,
-              widest_vectors_name());
+              vectors_name(widest_vectors()));
 
   // Every row is one or two timed calls; the rows take turns, repeat after repeat, so a machine
   // whose speed drifts (a shared VM) moves them all alike and the ratios within a run hold.
