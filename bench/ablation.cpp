@@ -504,6 +504,12 @@ int main(int argc, char** argv) try {
     o.tuning.query_block = block;
     variant("staging=direct, query_block=" + std::to_string(block) + (block == 1 ? " (all heads per query)" : ""), o);
   }
+  for (std::int64_t stripe : {1, 4, 16}) {  // encoders only: other problems walk in order
+    if (p.queries != p.value_len) break;
+    msda::Options o{threads};
+    o.tuning.query_stripe = stripe;
+    variant("query_stripe=" + std::to_string(stripe) + (stripe == 1 ? " (backward walks an encoder's queries in raster order)" : " (image rows per stripe of the backward's walk)"), o);
+  }
   {
     msda::Options o{threads};
     o.tuning.level_parts = true;

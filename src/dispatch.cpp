@@ -50,6 +50,8 @@ Counts counts(const Problem& p) {
 void check_tuning(const Options& options) {
   if (options.tuning.query_block < 0)
     throw Error("options.tuning.query_block", ">= 0 (0 = the default)", std::to_string(options.tuning.query_block));
+  if (options.tuning.query_stripe < 0)
+    throw Error("options.tuning.query_stripe", ">= 0 image rows (0 = the default)", std::to_string(options.tuning.query_stripe));
   if (options.tuning.accumulator_budget < 0)
     throw Error("options.tuning.accumulator_budget", ">= 0 bytes (0 = the default)",
                 std::to_string(options.tuning.accumulator_budget));
@@ -102,6 +104,7 @@ Params make_params(const Problem& problem, const void* value, const void* locati
   if (options.tuning.query_block > 0) params.query_block = options.tuning.query_block;
   params.staging = options.tuning.staging;
   params.level_parts = options.tuning.level_parts;
+  if (options.tuning.query_stripe > 0) params.query_stripe = options.tuning.query_stripe;
   if (options.tuning.accumulator_budget > 0) params.accumulator_budget = options.tuning.accumulator_budget;
   params.scatter = options.tuning.scatter;
   params.cuda = options.cuda;

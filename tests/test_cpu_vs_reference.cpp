@@ -83,6 +83,10 @@ const std::vector<Scenario>& scenarios() {
       {"mixed_pow2", shape(2, 2, 9, 40, 3, {{8, 8}, {4, 2}, {1, 1}}), Locations::mixed,
        Weights::uniform},
       {"mixed_any_size", shape(1, 3, 7, 40, 5, {{9, 11}, {5, 6}, {2, 3}}), Locations::mixed},
+      // Encoders (queries as many as value's rows): the backward walks them in stripes of image
+      // rows (CpuTuning::query_stripe), taller than some levels and not dividing others.
+      {"encoder_like", shape(2, 2, 32, 222, 4, {{12, 14}, {6, 7}, {3, 4}}), Locations::mixed},
+      {"encoder_like_any_D", shape(1, 3, 12, 135, 3, {{9, 11}, {5, 6}, {2, 3}}), Locations::wide},
       // The v2 attention (SPEC "Points per level and discrete sampling"): D-FINE's [3, 6, 3], a
       // level with one point, compile-time D = 32 and runtime D, bilinear and discrete, every kind
       // of location (discrete: NaN and inf coordinates, pixel edges and centres, map borders).

@@ -257,5 +257,32 @@ TEST(DeterminismManyThreads, StagedOrDirectGathersGiveTheSameBits) {
     }
 }
 
+// An encoder's queries (as many as value's rows) walked in stripes of image rows: each stripe
+// height sums every grad_value row in its own fixed order, so its bits are the same at any
+// thread count and partition (parts of one level, bands of rows, rows summed in place or by
+// owner-computes, the two-pass backward), for stripes of one row (raster), of 3 (dividing no
+// level's height), 8 (the default) and taller than every level.
+TEST(DeterminismManyThreads, EncoderQueriesWalkedInStripesKeepTheirBits) {
+  for (std::int64_t channels : {32, 20}) {
+    Shape s;
+    s.batch = 2, s.heads = 2, s.channels = channels, s.queries = 222, s.points = 3;
+    s.levels = {{12, 14}, {6, 7}, {3, 4}};
+    for (DType dtype : {DType::f32, DType::bf16}) {
+      const Case c = make_case(s, {dtype, dtype, dtype}, Locations::mixed, case_seed(static_cast<int>(channels)));
+      for (msda::Isa isa : cpu_isas())
+        for (std::int64_t stripe : {1, 3, 0, 100}) {
+          SCOPED_TRACE("isa " + std::string(msda::name(isa)) + " stripe " + std::to_string(stripe) + " " + c.label);
+          msda::Options walk{1, Backend::cpu, isa};
+          walk.tuning.query_stripe = stripe;
+          expect_switch_keeps_bits(c, walk, 4, [](msda::Options& o, int k) {
+            o.tuning.level_parts = k == 1;
+            if (k == 2) o.tuning.accumulator_budget = 64 * 32 * 4;  // bands of 64 rows (f32)
+            if (k == 3) o.tuning.scatter = msda::CpuTuning::Scatter::owner;
+          });
+        }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace msda_test

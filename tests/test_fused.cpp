@@ -294,6 +294,8 @@ const std::vector<FusedScenario>& fused_scenarios() {
       {"nonfinite_2", fused_shape(2, 2, 8, 40, 4, {{6, 7}, {3, 3}}, 2), Draw::nonfinite},
       {"nonfinite_4", fused_shape(2, 2, 32, 40, 4, {{6, 7}, {3, 3}}, 4), Draw::nonfinite},
       {"pixel_boundaries_2", fused_shape(2, 2, 8, 40, 3, {{7, 9}, {5, 3}, {3, 1}}, 2), Draw::boundaries},
+      // An encoder (queries as many as value's rows): the backward walks them in stripes.
+      {"encoder_like_2", fused_shape(2, 2, 32, 222, 4, {{12, 14}, {6, 7}, {3, 4}}, 2), Draw::local},
       // The v2 attention: D-FINE's points [3, 6, 3] and offset_scale, discrete sampling.
       {"v2_dfine_4", with_v2(fused_shape(1, 8, 32, 30, 0, {{16, 16}, {8, 8}, {4, 4}}, 4), {3, 6, 3},
                              msda::Sampling::bilinear, 0.5), Draw::local},

@@ -284,6 +284,9 @@ TEST(Validation, TuningOutOfRange) {
   o.tuning.query_block = -1;
   expect_rejected(o, "query_block");
   o = {1, Backend::cpu};
+  o.tuning.query_stripe = -1;
+  expect_rejected(o, "query_stripe");
+  o = {1, Backend::cpu};
   o.tuning.accumulator_budget = -1;
   expect_rejected(o, "accumulator_budget");
   o = {1, Backend::cpu};

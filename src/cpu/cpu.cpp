@@ -292,9 +292,31 @@ class Workspace {
   std::size_t bytes_ = 0;
 };
 
+// The backward's query walk (Scratch::query_order) for an encoder, whose queries are the
+// pyramid's pixels (Q == S, query i at pixel i): each level's queries in stripes of
+// p.query_stripe image rows, each stripe column by column, top to bottom within a column. The
+// raster order's working set, the band of rows around a query's samples on every level (about 9
+// rows of value and of the row sums on each: ~600 KiB on ddetr-enc, one head's rows), outgrows a
+// 512 KiB L2; a stripe's is its height plus the offsets' reach, a few columns wide. Empty (walk
+// in order) for other problems, and with stripes of one row (the raster order itself).
+std::vector<std::int64_t> query_walk(const Params& p) {
+  std::vector<std::int64_t> order;
+  const std::int64_t T = p.query_stripe;
+  if (p.Q != p.S || T <= 1) return order;
+  order.reserve(static_cast<std::size_t>(p.Q));
+  for (std::int64_t l = 0; l < p.L; ++l) {
+    const std::int64_t H = p.height[l], W = p.width[l];
+    for (std::int64_t y0 = 0; y0 < H; y0 += T)
+      for (std::int64_t x = 0; x < W; ++x)
+        for (std::int64_t y = y0; y < y0 + T && y < H; ++y) order.push_back(p.level_start[l] + y * W + x);
+  }
+  return order;
+}
+
 // 64-byte aligned per-thread scratch (kept between calls: Workspace); its layout is Scratch's.
 struct ScratchBuffer {
   std::optional<Workspace> storage;
+  std::vector<std::int64_t> query_order;
   Scratch scratch;
 
   // `head_rows`: rows of value each thread copies for staged gathers (0: none).
@@ -309,6 +331,8 @@ struct ScratchBuffer {
     scratch.group_bytes = round_up(static_cast<std::size_t>(scratch.group_capacity) * kGroupBytesPerSample);
     std::size_t extra = 0, owner_bytes = 0;
     if (plan) {
+      query_order = query_walk(p);
+      if (!query_order.empty()) scratch.query_order = query_order.data();
       scratch.levels_per_part = plan->levels_per_part;
       scratch.query_parts = plan->query_parts;
       scratch.band_rows = plan->band_rows;

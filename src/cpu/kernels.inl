@@ -988,10 +988,11 @@ MSDA_INLINE void owner_rows_sum(std::int64_t D, const C* grads, const CornerReco
 // are at least as many (n, m) pairs as threads, one level each otherwise; see cpu.cpp for more
 // threads than parts). A part owns the
 // grad_value rows of its head and levels and the location/weight gradients of its samples: no
-// two threads touch the same element. Every grad_value row is summed over its samples in (q, p)
-// order whatever the partition or thread count, so results are bitwise identical across both.
-// A part walks its queries in order: each query's L*P locations and weights, its grad_output row
-// and its gradients are contiguous runs, read and written once.
+// two threads touch the same element. Every grad_value row is summed over its samples in the
+// order of the query walk (scratch.query_order: an encoder's stripes, else q), then p, whatever
+// the partition or thread count, so results are bitwise identical across both. A part walks its
+// queries one at a time: each query's L*P locations and weights, its grad_output row and its
+// gradients are contiguous runs, read and written once.
 template <class V, int kD>
 void backward_kernel(const Params& p, const Scratch& scratch) {
   using C = Compute<V>;
@@ -1132,20 +1133,27 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
       // location step's chain of dependent steps (convert, floor, pixel index) then runs while the
       // CPU waits on the previous query's rows, not before the first of its own loads, and reads
       // what the load stored an iteration before.
-      auto load_query = [&](Group<C>& group, std::int64_t q) MSDA_INLINE_LAMBDA {
-        group.load(p, p.sample_index(n, q, m, l_begin, 0), count, s_begin);
+      // The part walks its queries in the order of scratch.query_order (stripes of an encoder's
+      // pixels) or in turn: step k of [q_begin, q_end) is query query_at(k). Grad_value's rows are
+      // summed in walk order, the same at any thread count and partition (every pass walks so).
+      const std::int64_t* const walk = scratch.query_order;
+      auto query_at = [&](std::int64_t step) MSDA_INLINE_LAMBDA { return walk ? walk[step] : step; };
+      auto load_query = [&](Group<C>& group, std::int64_t step) MSDA_INLINE_LAMBDA {
+        group.load(p, p.sample_index(n, query_at(step), m, l_begin, 0), count, s_begin);
       };
       if (q_begin < q_end) {
         load_query(groups[0], q_begin);
         groups[0].locate_range(s_begin, s_end);
       }
       if (q_begin + 1 < q_end) load_query(groups[1], q_begin + 1);
-      for (std::int64_t q = q_begin, slot = 0; q < q_end; ++q, slot = slot + 1 < kGroups ? slot + 1 : 0) {
+      for (std::int64_t step = q_begin, slot = 0; step < q_end; ++step, slot = slot + 1 < kGroups ? slot + 1 : 0) {
+        const std::int64_t q = query_at(step);
         const std::int64_t first = p.sample_index(n, q, m, l_begin, 0);
-        if (q + kPrefetchQueries < q_end) {
-          const std::int64_t ahead = p.sample_index(n, q + kPrefetchQueries, m, l_begin, 0);
+        if (step + kPrefetchQueries < q_end) {
+          const std::int64_t q_ahead = query_at(step + kPrefetchQueries);
+          const std::int64_t ahead = p.sample_index(n, q_ahead, m, l_begin, 0);
           prefetch_samples(p, ahead, count);
-          prefetch(grad_out + p.output_offset(n, q + kPrefetchQueries, m), static_cast<std::size_t>(D) * sizeof(V));
+          prefetch(grad_out + p.output_offset(n, q_ahead, m), static_cast<std::size_t>(D) * sizeof(V));
           // And the lines its weight and location gradients will be stored to (written once:
           // each store would otherwise wait for its line).
           if (p.grad_weights)
@@ -1155,8 +1163,8 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
                                2 * count * p.location_bytes);
         }
         Group<C>& group = groups[slot];
-        if (q + 2 < q_end) load_query(groups[(slot + 2) % kGroups], q + 2);
-        if (q + 1 < q_end) groups[(slot + 1) % kGroups].locate_range(s_begin, s_end);
+        if (step + 2 < q_end) load_query(groups[(slot + 2) % kGroups], step + 2);
+        if (step + 1 < q_end) groups[(slot + 1) % kGroups].locate_range(s_begin, s_end);
         // Every far corner row of the query's samples requested before the first is used: where
         // locations scatter (decoders), the rows come from the last-level cache or memory, and
         // one sample's loads alone would leave the CPU waiting on each in turn. Rows of a staged
@@ -1178,7 +1186,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
               }
         }
         g.load_row(grad_out + p.output_offset(n, q, m));
-        if (owner_part) g.store_compute_row(owner_grads + (q - q_begin) * D);
+        if (owner_part) g.store_compute_row(owner_grads + (step - q_begin) * D);
         constexpr int kBlock = kD > 0 ? kLanes<C> / 4 : 0;
         if constexpr (kBlock >= 2)
           if (want_dots) block_dot_gradients<kBlock>(g, group, part_value, value_stride, s_begin, s_end, grads);
@@ -1239,7 +1247,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
               for (int c = 0; c < 4; ++c) {
                 const std::int64_t row = pixel[c] - row_begin;
                 if (pixel[c] >= 0 && static_cast<std::uint64_t>(row) < static_cast<std::uint64_t>(rows))
-                  records[recorded++] = {static_cast<std::int32_t>(row), static_cast<std::int32_t>(q - q_begin), a * w[c]};
+                  records[recorded++] = {static_cast<std::int32_t>(row), static_cast<std::int32_t>(step - q_begin), a * w[c]};
               }
           }
           s = level_first + p.points[l];
