@@ -54,7 +54,7 @@ struct Params {
   std::int64_t query_block = 1;   // cpu forward: queries per block walked one head at a time
   CpuTuning::Staging staging = CpuTuning::Staging::automatic;  // cpu: gather from per-head copies of value
   bool level_parts = false;       // cpu backward: one level per part even with enough (n, m) pairs
-  std::int64_t query_stripe = 8;  // cpu backward, Q == S: image rows per stripe of the query walk (1: raster)
+  std::int64_t query_stripe = 8;  // cpu, Q == S: image rows per stripe of the query walk (1: raster)
   std::int64_t accumulator_budget = std::int64_t(64) << 20;  // cpu backward: bytes per part's rows
   CpuTuning::Scatter scatter = CpuTuning::Scatter::automatic;  // cpu backward: where a part sums its rows
   CudaOptions cuda;  // cuda backend: stream, caller's workspace, deterministic backward

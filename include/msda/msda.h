@@ -187,12 +187,13 @@ struct CpuTuning {
   // with all its levels, or one level of it when there are fewer (batch, head) pairs than
   // threads. true: always one level per part.
   bool level_parts = false;
-  // backward, encoders (queries as many as value's rows: query i is pixel i of the pyramid, as
-  // every encoder lays them out): image rows per stripe of a level's queries. A part walks each
-  // level's queries stripe by stripe, each stripe column by column, so the rows around a query's
-  // samples (offsets of a few pixels) are those its neighbours in the walk have just read and
-  // added into: they stay in the core's cache where the raster order's band of rows, value's and
-  // the sums', would not (512 KiB L2). Any order gives correct results; this one is fast when
+  // backward and staged forward, encoders (queries as many as value's rows: query i is pixel i
+  // of the pyramid, as every encoder lays them out): image rows per stripe of a level's queries.
+  // A part walks each level's queries stripe by stripe, each stripe column by column, so the rows
+  // around a query's samples (offsets of a few pixels) are those its neighbours in the walk have
+  // just read and added into: they stay in the core's cache where the raster order's band of
+  // rows, value's and the backward's sums, would not (512 KiB L2). Any order gives correct
+  // results (the backward's bits depend on it; each is deterministic); this one is fast when
   // queries are pixels. 0 = the default, 8; 1 = raster order. Other problems walk in order.
   std::int64_t query_stripe = 0;
   // backward, rows summed in a copy (`scatter` below): the bytes of grad_value rows one thread

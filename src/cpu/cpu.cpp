@@ -292,7 +292,7 @@ class Workspace {
   std::size_t bytes_ = 0;
 };
 
-// The backward's query walk (Scratch::query_order) for an encoder, whose queries are the
+// The query walk (Scratch::query_order) of the backward and the staged forward for an encoder, whose queries are the
 // pyramid's pixels (Q == S, query i at pixel i): each level's queries in stripes of
 // p.query_stripe image rows, each stripe column by column, top to bottom within a column. The
 // raster order's working set, the band of rows around a query's samples on every level (about 9
@@ -330,9 +330,9 @@ struct ScratchBuffer {
     scratch.group_capacity = static_cast<std::int64_t>((LP + 7) / 8 * 8);
     scratch.group_bytes = round_up(static_cast<std::size_t>(scratch.group_capacity) * kGroupBytesPerSample);
     std::size_t extra = 0, owner_bytes = 0;
+    query_order = query_walk(p);
+    if (!query_order.empty()) scratch.query_order = query_order.data();
     if (plan) {
-      query_order = query_walk(p);
-      if (!query_order.empty()) scratch.query_order = query_order.data();
       scratch.levels_per_part = plan->levels_per_part;
       scratch.query_parts = plan->query_parts;
       scratch.band_rows = plan->band_rows;

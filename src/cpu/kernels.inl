@@ -711,6 +711,7 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
       }
     };
     if (staged) {
+      const std::int64_t* const walk = scratch.query_order;
       std::int64_t held = -1;  // the (n, m) whose rows head_rows holds
       share_jobs(p.N * p.M * ranges, ranges == 1, [&](std::int64_t job) MSDA_INLINE_LAMBDA {
         const std::int64_t nm = job / ranges, n = nm / p.M, m = nm % p.M, q_begin = job % ranges * range_size;
@@ -722,14 +723,16 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
         }
         walk_rows(q_end - q_begin, [&](std::int64_t i, std::int64_t& row_n, std::int64_t& q, std::int64_t& row_m,
                                        const V*& rows) MSDA_INLINE_LAMBDA {
-          q = q_begin + i;
+          // In the order of scratch.query_order (an encoder's stripes), as the backward walks.
+          q = walk ? walk[q_begin + i] : q_begin + i;
           row_n = n, row_m = m, rows = head_rows;
           // One head's queries: their samples sit M*L*P apart, so fetch ahead, and their output
           // rows M*D apart, a stride the hardware's prefetchers do not follow across pages: ask
           // for those lines, for writing, as far ahead.
-          if (q + kPrefetchQueries < q_end) {
-            prefetch_samples(p, p.sample_index(n, q + kPrefetchQueries, m, 0, 0), LP);
-            prefetch_for_write(out + p.output_offset(n, q + kPrefetchQueries, m), static_cast<std::size_t>(D) * sizeof(V));
+          if (q_begin + i + kPrefetchQueries < q_end) {
+            const std::int64_t ahead = walk ? walk[q_begin + i + kPrefetchQueries] : q_begin + i + kPrefetchQueries;
+            prefetch_samples(p, p.sample_index(n, ahead, m, 0, 0), LP);
+            prefetch_for_write(out + p.output_offset(n, ahead, m), static_cast<std::size_t>(D) * sizeof(V));
           }
         });
       });
