@@ -508,7 +508,9 @@ int main(int argc, char** argv) try {
     if (p.queries != p.value_len) break;
     msda::Options o{threads};
     o.tuning.query_stripe = stripe;
-    variant("query_stripe=" + std::to_string(stripe) + (stripe == 1 ? " (backward walks an encoder's queries in raster order)" : " (image rows per stripe of the backward's walk)"), o);
+    variant("query_stripe=" + std::to_string(stripe) +
+                (stripe == 1 ? " (an encoder's queries walked in raster order)" : " (image rows per stripe of the query walk)"),
+            o);
   }
   {
     msda::Options o{threads};

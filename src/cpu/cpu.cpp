@@ -292,13 +292,14 @@ class Workspace {
   std::size_t bytes_ = 0;
 };
 
-// The query walk (Scratch::query_order) of the backward and the staged forward for an encoder, whose queries are the
-// pyramid's pixels (Q == S, query i at pixel i): each level's queries in stripes of
-// p.query_stripe image rows, each stripe column by column, top to bottom within a column. The
-// raster order's working set, the band of rows around a query's samples on every level (about 9
-// rows of value and of the row sums on each: ~600 KiB on ddetr-enc, one head's rows), outgrows a
-// 512 KiB L2; a stripe's is its height plus the offsets' reach, a few columns wide. Empty (walk
-// in order) for other problems, and with stripes of one row (the raster order itself).
+// The query walk (Scratch::query_order) of the backward and the staged forward for an encoder,
+// whose queries are the pyramid's pixels (Q == S, query i at pixel i): each level's queries in
+// stripes of p.query_stripe image rows, each stripe column by column, top to bottom within a
+// column. The raster order's working set, the band of rows around a query's samples on every
+// level (about 9 rows of value and of the row sums on each: ~600 KiB on ddetr-enc, one head's
+// rows), outgrows a 512 KiB L2; a stripe's is its height plus the offsets' reach, a few columns
+// wide. Empty (walk in order) for other problems, and with stripes of one row (the raster order
+// itself).
 std::vector<std::int64_t> query_walk(const Params& p) {
   std::vector<std::int64_t> order;
   const std::int64_t T = p.query_stripe;

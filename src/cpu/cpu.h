@@ -83,8 +83,8 @@ struct Scratch {
   // Staged gathers (CpuTuning::staging): where in a thread's slice the copy of the value rows of
   // the head it works on starts, [rows, D] of the value type; 0: the gathers read value directly.
   std::size_t head_rows_at = 0;
-  // Backward and staged forward: the order a part walks its queries, Q entries (a permutation of [0, Q)), or null:
-  // 0, 1, ... (cpu.cpp, query_walk).
+  // Backward and staged forward: the order a part walks its queries, Q entries (a permutation
+  // of [0, Q)), or null: 0, 1, ... (cpu.cpp, query_walk).
   const std::int64_t* query_order = nullptr;
   std::byte* for_thread(int thread) const { return base + static_cast<std::size_t>(thread) * stride; }
 };
