@@ -331,7 +331,8 @@ struct ScratchBuffer {
     scratch.group_capacity = static_cast<std::int64_t>((LP + 7) / 8 * 8);
     scratch.group_bytes = round_up(static_cast<std::size_t>(scratch.group_capacity) * kGroupBytesPerSample);
     std::size_t extra = 0, owner_bytes = 0;
-    query_order = query_walk(p);
+    // Only the backward and the staged forward walk an order; a direct forward needs none.
+    if (plan || head_rows > 0) query_order = query_walk(p);
     if (!query_order.empty()) scratch.query_order = query_order.data();
     if (plan) {
       scratch.levels_per_part = plan->levels_per_part;

@@ -155,6 +155,10 @@ MSDA_INLINE void prefetch_samples(const Params& p, std::int64_t first, std::int6
   prefetch(static_cast<const char*>(p.weights) + first * p.weight_bytes, count * p.weight_bytes);
 }
 
+// Step `step` of a part's walk over its queries: query walk[step] (an encoder's stripes, cpu.cpp
+// query_walk), or query `step` where there is no walk order.
+MSDA_INLINE std::int64_t query_at(const std::int64_t* walk, std::int64_t step) { return walk ? walk[step] : step; }
+
 // ---- sample geometry, many samples at a time -------------------------------------------------
 
 // Reads `count` locations or weights of any allowed dtype as doubles; the dtype switch sits
@@ -724,13 +728,13 @@ void forward_kernel(const Params& p, const Scratch& scratch) {
         walk_rows(q_end - q_begin, [&](std::int64_t i, std::int64_t& row_n, std::int64_t& q, std::int64_t& row_m,
                                        const V*& rows) MSDA_INLINE_LAMBDA {
           // In the order of scratch.query_order (an encoder's stripes), as the backward walks.
-          q = walk ? walk[q_begin + i] : q_begin + i;
+          q = query_at(walk, q_begin + i);
           row_n = n, row_m = m, rows = head_rows;
           // One head's queries: their samples sit M*L*P apart, so fetch ahead, and their output
           // rows M*D apart, a stride the hardware's prefetchers do not follow across pages: ask
           // for those lines, for writing, as far ahead.
           if (q_begin + i + kPrefetchQueries < q_end) {
-            const std::int64_t ahead = walk ? walk[q_begin + i + kPrefetchQueries] : q_begin + i + kPrefetchQueries;
+            const std::int64_t ahead = query_at(walk, q_begin + i + kPrefetchQueries);
             prefetch_samples(p, p.sample_index(n, ahead, m, 0, 0), LP);
             prefetch_for_write(out + p.output_offset(n, ahead, m), static_cast<std::size_t>(D) * sizeof(V));
           }
@@ -1137,12 +1141,11 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
       // CPU waits on the previous query's rows, not before the first of its own loads, and reads
       // what the load stored an iteration before.
       // The part walks its queries in the order of scratch.query_order (stripes of an encoder's
-      // pixels) or in turn: step k of [q_begin, q_end) is query query_at(k). Grad_value's rows are
+      // pixels) or in turn: step k of [q_begin, q_end) is query query_at(walk, k). Grad_value's rows are
       // summed in walk order, the same at any thread count and partition (every pass walks so).
       const std::int64_t* const walk = scratch.query_order;
-      auto query_at = [&](std::int64_t step) MSDA_INLINE_LAMBDA { return walk ? walk[step] : step; };
       auto load_query = [&](Group<C>& group, std::int64_t step) MSDA_INLINE_LAMBDA {
-        group.load(p, p.sample_index(n, query_at(step), m, l_begin, 0), count, s_begin);
+        group.load(p, p.sample_index(n, query_at(walk, step), m, l_begin, 0), count, s_begin);
       };
       if (q_begin < q_end) {
         load_query(groups[0], q_begin);
@@ -1150,10 +1153,10 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
       }
       if (q_begin + 1 < q_end) load_query(groups[1], q_begin + 1);
       for (std::int64_t step = q_begin, slot = 0; step < q_end; ++step, slot = slot + 1 < kGroups ? slot + 1 : 0) {
-        const std::int64_t q = query_at(step);
+        const std::int64_t q = query_at(walk, step);
         const std::int64_t first = p.sample_index(n, q, m, l_begin, 0);
         if (step + kPrefetchQueries < q_end) {
-          const std::int64_t q_ahead = query_at(step + kPrefetchQueries);
+          const std::int64_t q_ahead = query_at(walk, step + kPrefetchQueries);
           const std::int64_t ahead = p.sample_index(n, q_ahead, m, l_begin, 0);
           prefetch_samples(p, ahead, count);
           prefetch(grad_out + p.output_offset(n, q_ahead, m), static_cast<std::size_t>(D) * sizeof(V));
