@@ -328,7 +328,9 @@ struct ScratchBuffer {
     constexpr auto round_up = round_up_to_line;
     const auto LP = static_cast<std::size_t>(p.K);
     scratch.channels_bytes = round_up(static_cast<std::size_t>(p.D) * 8);
-    scratch.group_capacity = static_cast<std::int64_t>((LP + 7) / 8 * 8);
+    // 16 samples more than K: a whole vector of any target's lanes read from any sample of the
+    // group stays inside each of its arrays (the backward's block_dot_gradients).
+    scratch.group_capacity = static_cast<std::int64_t>((LP + 7) / 8 * 8 + 16);
     scratch.group_bytes = round_up(static_cast<std::size_t>(scratch.group_capacity) * kGroupBytesPerSample);
     std::size_t extra = 0, owner_bytes = 0;
     // Only the backward and the staged forward walk an order; a direct forward needs none.
@@ -339,9 +341,10 @@ struct ScratchBuffer {
       scratch.query_parts = plan->query_parts;
       scratch.band_rows = plan->band_rows;
       scratch.bands = plan->bands;
-      // 3*K gradients of one query, then the spare row, where off-map corners' scatter adds.
-      scratch.grads_bytes = round_up(LP * 3 * 8) + round_up(static_cast<std::size_t>(p.D) * 8);
-      scratch.spare_row_at = scratch.channels_bytes + kGroups * scratch.group_bytes + round_up(LP * 3 * 8);
+      // The gradients of one query's samples (grads_stride), then room for the spare row, where
+      // off-map corners' scatter adds: the D elements right before the copy of a part's rows.
+      scratch.grads_bytes = round_up(static_cast<std::size_t>(grads_stride(p.K)) * 3 * 8) +
+                            round_up(static_cast<std::size_t>(p.D) * 8);
       scratch.row_sums = plan->row_sums.empty() ? nullptr : plan->row_sums.data();
       std::int64_t rows = plan->levels_per_part == p.L ? p.S : max_level_rows(p);
       if (plan->band_rows > 0) rows = std::min(rows, plan->band_rows);

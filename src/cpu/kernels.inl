@@ -315,8 +315,11 @@ struct Group {
     offset_y = offset_x + cap;
     rows = offset_y + cap;
     points = rows + kRows * cap;
-    // Padding lanes (past the samples of a group) hold a harmless finite sample.
+    // Padding lanes (past the samples of a group) hold a harmless finite sample, and its
+    // geometry (lanes that locate_range does not reach) is zero.
     for (std::int64_t s = 0; s < cap; ++s) {
+      lh[s] = lw[s] = 0;
+      for (int c = 0; c < 4; ++c) bilinear[c * cap + s] = 0;
       x[s] = y[s] = a[s] = 0;
       height[s] = width[s] = points[s] = 1;
       level_offset[s] = 0;
@@ -780,7 +783,8 @@ MSDA_INLINE T stored(double x) {
 }
 
 // The fused backward's chain rule for one row (n, q, m), right after its samples: grads holds
-// g_a[LP] (d out / d weight) and g_loc[2 LP] (d out / d location, interleaved x, y); group holds
+// g_a[LP] (d out / d weight) and, from grads_stride(LP) on, g_loc[2 LP] (d out / d location,
+// interleaved x, y); group holds
 // the row's softmax weights and offsets, and the scales d location / d offset. Writes the row's
 // logit and offset gradients and, when `partial` is not null, the sums over the row's points of
 // each level's reference-point gradient (partial[l * R + c]). A sample whose g_loc is zero (one
@@ -794,7 +798,7 @@ MSDA_INLINE void fused_chain(const Params& p, const Group<C>& group, const C* gr
   using VD = Vec<double>;
   const std::int64_t L = p.L, LP = p.K, R = p.reference_coords;
   const C* g_a = grads;
-  const C* g_loc = grads + LP;
+  const C* g_loc = grads + grads_stride(LP);
   if (p.grad_logits) {  // softmax backward: a_j (g_j - sum_i a_i g_i)
     VD lanes{};
     std::int64_t j = 0;
@@ -836,81 +840,126 @@ MSDA_INLINE void fused_chain(const Params& p, const Group<C>& group, const C* gr
   }
 }
 
-// Lanes [K * B, K * B + B) of v, as a vector of B lanes.
-template <int K, int B, class C, int... I>
-MSDA_INLINE auto lanes_at(Vec<C> v, std::integer_sequence<int, I...>) {
-  return __builtin_shufflevector(v, v, (K * B + I)...);
+// The dot products of kLanes samples, as block_dot_gradients sums them: dots[j] holds block j's
+// (samples j * B to j * B + B - 1) four corners, corner c of sample b in lanes [c * B, c * B + B).
+// Transposed to d[c]: corner c of all kLanes samples, sample j * B + b in lane j * B + b. A 4 x 4
+// transpose of B-lane elements in two rounds of two-vector shuffles, 8 in all.
+template <int B, int L>
+constexpr int pair_source(int i, int first_corner) {  // [x.c, y.c, x.c+1, y.c+1], c = first_corner
+  const int e = i / B, b = i % B;
+  return (e % 2) * L + (first_corner + e / 2) * B + b;
+}
+template <int B, int L>
+constexpr int quad_source(int i, int element) {  // [x.e, x.e+1, y.e, y.e+1] of element pairs
+  const int j = i / B, b = i % B;
+  return (j / 2) * L + (element + j % 2) * B + b;
+}
+template <int B, class C, int... I>
+MSDA_INLINE void transpose_dots(const Vec<C>* dots, Vec<C>* d, std::integer_sequence<int, I...>) {
+  constexpr int L = kLanes<C>;
+  const Vec<C> p = __builtin_shufflevector(dots[0], dots[1], pair_source<B, L>(I, 0)...);
+  const Vec<C> q = __builtin_shufflevector(dots[0], dots[1], pair_source<B, L>(I, 2)...);
+  const Vec<C> r = __builtin_shufflevector(dots[2], dots[3], pair_source<B, L>(I, 0)...);
+  const Vec<C> t = __builtin_shufflevector(dots[2], dots[3], pair_source<B, L>(I, 2)...);
+  d[0] = __builtin_shufflevector(p, r, quad_source<B, L>(I, 0)...);
+  d[1] = __builtin_shufflevector(p, r, quad_source<B, L>(I, 2)...);
+  d[2] = __builtin_shufflevector(q, t, quad_source<B, L>(I, 0)...);
+  d[3] = __builtin_shufflevector(q, t, quad_source<B, L>(I, 2)...);
 }
 
-// x and y (B lanes each) interleaved: x0, y0, x1, y1, ...
-template <int B, class P, int... I>
-MSDA_INLINE auto interleave(P x, P y, std::integer_sequence<int, I...>) {
-  return __builtin_shufflevector(x, y, ((I % 2) * B + I / 2)...);
+// lo, then hi: one vector of twice their lanes.
+template <class P, int... I>
+MSDA_INLINE auto concatenate(P lo, P hi, std::integer_sequence<int, I...>) {
+  return __builtin_shufflevector(lo, hi, I...);
+}
+
+// x and y interleaved, x0, y0, x1, y1, ..., as two vectors of their lanes: the first (kHigh 0) or
+// the second half (kHigh 1).
+template <int kHigh, class C, int... I>
+MSDA_INLINE Vec<C> interleave(Vec<C> x, Vec<C> y, std::integer_sequence<int, I...>) {
+  constexpr int L = kLanes<C>;
+  return __builtin_shufflevector(x, y, ((I % 2) * L + (kHigh * L + I) / 2)...);
 }
 
 // The backward's dot products for samples [s_begin, s_end) of one query (kD known, kBlock =
 // kLanes / 4 >= 2 samples per vector): each block of samples' 4 * kBlock lane-wise products
-// (corner c of sample b in vector c * kBlock + b) are summed across lanes together, kLanes - 1
-// folds for the block, and the weight and location gradients are formed from the sums kBlock
-// samples at a time. Summing each sample's three lane-wise combinations on its own took 4 folds
-// and ~20 vector operations per sample, which made the backward's dot products compute-bound.
-// Writes grads as backward_kernel reads it: [count) weight gradients, then [2 count) location
-// gradients, x and y interleaved. part_value: the part's first row, rows value_stride apart.
+// (corner c of sample b in vector c * kBlock + b) are summed across lanes together (reduce_lanes:
+// kLanes - 1 pair sums for the block). Summing each sample's three lane-wise combinations on its
+// own took 4 folds and ~20 vector operations per sample, which made the backward's dot products
+// compute-bound. Four blocks' sums (kLanes samples) are then transposed to one vector per corner,
+// and the weight and location gradients formed from them kLanes samples at a time: formed a block
+// at a time, in vectors of kBlock lanes, with a scalar tail for the last samples, they were about
+// 40 of the encoders' 290 backward instructions per sample (AMD Zen 3, AVX2, callgrind). Writes
+// grads as backward_kernel reads it, in whole vectors: [count) weight gradients, then from
+// grads_at on (grads_stride) [2 count) location gradients, x and y interleaved; lanes past s_end
+// land in grads' padding. part_value: the part's first row, rows value_stride apart.
 template <int kBlock, class V, int kD, class C>
 MSDA_INLINE void block_dot_gradients(const Channels<V, kD>& g, const Group<C>& group, const V* part_value,
-                                     std::int64_t value_stride, std::int64_t s_begin, std::int64_t s_end, C* grads) {
-  typedef C Piece __attribute__((vector_size(kBlock * sizeof(C))));
-  typedef double PieceD __attribute__((vector_size(kBlock * sizeof(double))));
-  constexpr auto lanes = std::make_integer_sequence<int, kBlock>{};
-  const std::int64_t cap = group.capacity, count = s_end - s_begin;
-  // kBlock values from src (the group's arrays have room up to a whole vector past s_end).
-  auto piece = [](const C* src) MSDA_INLINE_LAMBDA {
-    Piece v;
+                                     std::int64_t value_stride, std::int64_t s_begin, std::int64_t s_end, C* grads,
+                                     std::int64_t grads_at) {
+  constexpr int kL = kLanes<C>;
+  static_assert(kL == 4 * kBlock);
+  const std::int64_t cap = group.capacity;
+  // kL values from src: the group's arrays have room up to a whole vector past s_end (lanes past
+  // it are computed from whatever they hold, and stored only into grads' padding).
+  auto lanes_of = [](const C* src) MSDA_INLINE_LAMBDA {
+    Vec<C> v;
     __builtin_memcpy(&v, src, sizeof(v));
     return v;
   };
-  auto piece_of_doubles = [](const double* src) MSDA_INLINE_LAMBDA {
-    PieceD v;
-    __builtin_memcpy(&v, src, sizeof(v));
-    return __builtin_convertvector(v, Piece);
-  };
-  for (std::int64_t s0 = s_begin; s0 < s_end; s0 += kBlock) {
-    Vec<C> t[4 * kBlock];  // unrolled, so that it lives in registers
-#pragma GCC unroll 16
-    for (int b = 0; b < kBlock; ++b) {
-      const std::int64_t s = s0 + b;
-#pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) {
-        const std::int64_t row = s < s_end ? group.pixel[c * cap + s] : -1;
-        t[c * kBlock + b] = row >= 0 ? g.products(part_value + row * value_stride) : Vec<C>{};
-      }
+  // kL doubles from src in C, converted a native vector at a time (a vector of kL doubles, wider
+  // than the target's, went through the stack).
+  auto lanes_of_doubles = [lanes_of](const double* src) MSDA_INLINE_LAMBDA {
+    if constexpr (std::is_same_v<C, double>) {
+      return lanes_of(src);
+    } else {
+      static_assert(kL == 2 * kLanes<double>);
+      typedef C Half __attribute__((vector_size(kL / 2 * sizeof(C))));
+      const Half lo = __builtin_convertvector(load_compute(src), Half);
+      const Half hi = __builtin_convertvector(load_compute(src + kL / 2), Half);
+      return concatenate(lo, hi, std::make_integer_sequence<int, kL>{});
     }
-    const Vec<C> dots = reduce_lanes<C>(t);
-    const Piece d0 = lanes_at<0, kBlock, C>(dots, lanes), d1 = lanes_at<1, kBlock, C>(dots, lanes),
-                d2 = lanes_at<2, kBlock, C>(dots, lanes), d3 = lanes_at<3, kBlock, C>(dots, lanes);
-    const Piece lh = piece(group.lh + s0), lw = piece(group.lw + s0), hh = 1 - lh, hw = 1 - lw;
+  };
+  for (std::int64_t s0 = s_begin; s0 < s_end; s0 += kL) {
+    Vec<C> dots[4];
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      if (s0 + j * kBlock >= s_end) {  // a block wholly past the samples (K = 12 with kL = 8)
+        dots[j] = Vec<C>{};
+        continue;
+      }
+      Vec<C> t[4 * kBlock];  // unrolled, so that it lives in registers
+#pragma GCC unroll 16
+      for (int b = 0; b < kBlock; ++b) {
+        const std::int64_t s = s0 + j * kBlock + b;
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; ++c) {
+          const std::int64_t row = s < s_end ? group.pixel[c * cap + s] : -1;
+          t[c * kBlock + b] = row >= 0 ? g.products(part_value + row * value_stride) : Vec<C>{};
+        }
+      }
+      dots[j] = reduce_lanes<C>(t);
+    }
+    Vec<C> d[4];
+    transpose_dots<kBlock, C>(dots, d, std::make_integer_sequence<int, kL>{});
+    const Vec<C> lh = lanes_of(group.lh + s0), lw = lanes_of(group.lw + s0), hh = 1 - lh, hw = 1 - lw;
     // d_weight = sum_c w_c dot(g, v_c); d_u = dot(g, hh (v01 - v00) + lh (v11 - v10));
     // d_v = dot(g, hw (v10 - v00) + lw (v11 - v01)); an off-map corner's value is zero.
-    const Piece d_weight_sum = piece(group.bilinear + s0) * d0 + piece(group.bilinear + cap + s0) * d1 +
-                               piece(group.bilinear + 2 * cap + s0) * d2 + piece(group.bilinear + 3 * cap + s0) * d3;
-    const Piece d_u = hh * (d1 - d0) + lh * (d3 - d2), d_v = hw * (d2 - d0) + lw * (d3 - d1);
-    const Piece a = piece_of_doubles(group.a + s0);
+    const Vec<C> d_weight_sum = lanes_of(group.bilinear + s0) * d[0] + lanes_of(group.bilinear + cap + s0) * d[1] +
+                                lanes_of(group.bilinear + 2 * cap + s0) * d[2] +
+                                lanes_of(group.bilinear + 3 * cap + s0) * d[3];
+    const Vec<C> d_u = hh * (d[1] - d[0]) + lh * (d[3] - d[2]), d_v = hw * (d[2] - d[0]) + lw * (d[3] - d[1]);
+    const Vec<C> a = lanes_of_doubles(group.a + s0);
     // NaN gradients canonical: the backward's loop is compiled more than once (canonical_nan).
-    const Piece d_weight = canonical_nan<C>(d_weight_sum);
-    const Piece g_x = canonical_nan<C>(a * piece_of_doubles(group.width + s0) * d_u),
-                g_y = canonical_nan<C>(a * piece_of_doubles(group.height + s0) * d_v);
-    const std::int64_t k = s0 - s_begin;
-    if (s0 + kBlock <= s_end) {
-      const auto xy = interleave<kBlock>(g_x, g_y, std::make_integer_sequence<int, 2 * kBlock>{});
-      __builtin_memcpy(grads + k, &d_weight, sizeof(d_weight));
-      __builtin_memcpy(grads + count + 2 * k, &xy, sizeof(xy));
-    } else {
-      for (std::int64_t b = 0; b < s_end - s0; ++b) {
-        grads[k + b] = d_weight[b];
-        grads[count + 2 * (k + b)] = g_x[b];
-        grads[count + 2 * (k + b) + 1] = g_y[b];
-      }
-    }
+    const Vec<C> d_weight = canonical_nan<C>(d_weight_sum);
+    const Vec<C> g_x = canonical_nan<C>(a * lanes_of_doubles(group.width + s0) * d_u),
+                 g_y = canonical_nan<C>(a * lanes_of_doubles(group.height + s0) * d_v);
+    const std::int64_t k = s0 - s_begin;  // < count <= grads_at, both multiples of kL
+    constexpr auto lanes = std::make_integer_sequence<int, kL>{};
+    const Vec<C> xy_low = interleave<0, C>(g_x, g_y, lanes), xy_high = interleave<1, C>(g_x, g_y, lanes);
+    __builtin_memcpy(grads + k, &d_weight, sizeof(d_weight));
+    __builtin_memcpy(grads + grads_at + 2 * k, &xy_low, sizeof(xy_low));
+    __builtin_memcpy(grads + grads_at + 2 * k + kL, &xy_high, sizeof(xy_high));
   }
 }
 
@@ -920,7 +969,10 @@ MSDA_INLINE void block_dot_gradients(const Channels<V, kD>& g, const Group<C>& g
 // corner (row -1) adds into `spare`, a row nobody reads. With a test and a jump per corner, and
 // the add itself placed out of line, the scatter was about 100 instructions per sample (Intel
 // Xeon, AVX-512, D = 32), several times the loads, multiply-adds and stores it has to do.
-template <class V, int kD, class C>
+// kCopy: acc is the part's copy (own_rows), rows D apart, and `spare` its row -1, so an off-map
+// corner needs no select either: GCC made the select a test and a branch, and with the stride's
+// multiply it was a third of the scatter's instructions (AMD Zen 3, AVX2, callgrind).
+template <bool kCopy, class V, int kD, class C>
 MSDA_INLINE void scatter_samples(const Channels<V, kD>& g, const Group<C>& group, std::int64_t s0, std::int64_t s1,
                                  C* acc, std::int64_t stride, C* spare) {
   const std::int64_t cap = group.capacity;
@@ -929,7 +981,11 @@ MSDA_INLINE void scatter_samples(const Channels<V, kD>& g, const Group<C>& group
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {
       const std::int64_t row = group.pixel[c * cap + s];
-      C* const dst = row >= 0 ? acc + row * stride : spare;
+      C* dst;
+      if constexpr (kCopy)
+        dst = acc + row * (kD > 0 ? kD : stride);
+      else
+        dst = row >= 0 ? acc + row * stride : spare;
       g.add_scaled_into(dst, a * group.bilinear[c * cap + s]);
     }
   }
@@ -1026,11 +1082,13 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
     Channels<V, kD> g(D, reinterpret_cast<C*>(mine));
     std::array<Group<C>, kGroups> groups = thread_groups<C>(mine, scratch);
     const std::size_t groups_end = scratch.channels_bytes + kGroups * scratch.group_bytes;
-    C* grads = reinterpret_cast<C*>(mine + groups_end);  // [3][K]
+    C* grads = reinterpret_cast<C*>(mine + groups_end);  // [3][grads_stride(K)]
+    const std::int64_t grads_at = grads_stride(p.K);     // where the location gradients start
     C* own_rows = reinterpret_cast<C*>(mine + groups_end + scratch.grads_bytes);
-    // Where off-map corners' scatter adds (scatter_samples), zeroed: never read, but left as the
-    // allocation found it, it could hold subnormals, whose arithmetic is slow on some CPUs.
-    C* const spare_row = reinterpret_cast<C*>(mine + scratch.spare_row_at);
+    // Where off-map corners' scatter adds (scatter_samples): row -1 of own_rows, at the end of the
+    // grads reserve (cpu.cpp). Zeroed: never read, but left as the allocation found it, it could
+    // hold subnormals, whose arithmetic is slow on some CPUs.
+    C* const spare_row = own_rows - D;
     __builtin_memset(static_cast<void*>(spare_row), 0, static_cast<std::size_t>(D) * sizeof(C));
     // Staged (cpu.cpp: only with the dot products): the part's value rows, copied contiguous.
     V* head_rows = scratch.head_rows_at > 0 ? reinterpret_cast<V*>(mine + scratch.head_rows_at) : nullptr;
@@ -1195,7 +1253,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
         if (owner_part) g.store_compute_row(owner_grads + (step - q_begin) * D);
         constexpr int kBlock = kD > 0 ? kLanes<C> / 4 : 0;
         if constexpr (kBlock >= 2)
-          if (want_dots) block_dot_gradients<kBlock>(g, group, part_value, value_stride, s_begin, s_end, grads);
+          if (want_dots) block_dot_gradients<kBlock>(g, group, part_value, value_stride, s_begin, s_end, grads, grads_at);
         for (std::int64_t l = l_begin, s = s_begin; l < l_end; ++l) {
           const C H = static_cast<C>(p.height_f[l]), W = static_cast<C>(p.width_f[l]);
           C* const acc = level_acc(l);
@@ -1240,8 +1298,8 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
                 sums[2] = hw * (dot[2] - dot[0]) + lw * (dot[3] - dot[1]);
               }
               grads[k] = canonical_nan<C>(sums[0]);
-              grads[count + 2 * k] = canonical_nan<C>(a * W * sums[1]);
-              grads[count + 2 * k + 1] = canonical_nan<C>(a * H * sums[2]);
+              grads[grads_at + 2 * k] = canonical_nan<C>(a * W * sums[1]);
+              grads[grads_at + 2 * k + 1] = canonical_nan<C>(a * H * sums[2]);
             }
             if (banded_acc)
               for (int c = 0; c < 4; ++c) {
@@ -1257,12 +1315,17 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
               }
           }
           s = level_first + p.points[l];
-          if (acc && whole_part) scatter_samples(g, group, level_first, s, acc, stride, spare_row);
+          if (acc && whole_part) {
+            if (acc == own_rows)
+              scatter_samples<true>(g, group, level_first, s, acc, stride, spare_row);
+            else
+              scatter_samples<false>(g, group, level_first, s, acc, stride, spare_row);
+          }
         }
         // Discrete sampling: the pixel choice is piecewise constant, so no location gradient (the
         // dot products above formed one from the off-map corners' zeros).
         if (want_dots && p.discrete)
-          for (std::int64_t k = count; k < 3 * count; ++k) grads[k] = 0;
+          for (std::int64_t k = 0; k < 2 * count; ++k) grads[grads_at + k] = 0;
         if (p.fused) {
           // Parts of the fused backward cover whole rows (cpu.cpp): the chain rule runs here, while
           // the row's gradients are in `grads`, and only the reference-point sums leave the kernel.
@@ -1273,7 +1336,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
           continue;
         }
         if (p.grad_weights) store_values(p.grad_weights, first, count, p.problem->weight_dtype, grads);
-        if (p.grad_locations) store_values(p.grad_locations, 2 * first, 2 * count, p.problem->location_dtype, grads + count);
+        if (p.grad_locations) store_values(p.grad_locations, 2 * first, 2 * count, p.problem->location_dtype, grads + grads_at);
       }
       if (owner_part) bucket_corners(records, recorded, rows, bucketed, ends);
       if (grad_value)
