@@ -13,8 +13,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 build=build
 out=$PWD/$build/wide-vectors
-[[ -f $build/libmsda.a && -f $build/tests/CMakeFiles/msda_tests.dir/link.txt ]] ||
-  { echo "wide-vectors-check: build/ has no libmsda.a or msda_tests: run scripts/test.sh first" >&2; exit 1; }
+[[ -f $build/CMakeCache.txt ]] || { echo "wide-vectors-check: no build/: run scripts/test.sh first" >&2; exit 1; }
+# The library and the suite as the sources stand (nothing to do after scripts/test.sh): the wide
+# kernels below are linked against this build's cpu.cpp, whose scratch layout must match theirs.
+cmake --build "$build" --target msda_tests -j"$(nproc)" >/dev/null
+link_txt=$build/tests/CMakeFiles/msda_tests.dir/link.txt
+[[ -f $build/libmsda.a && -f $link_txt ]] ||
+  { echo "wide-vectors-check: needs build/ made by scripts/build.sh (Makefiles: $link_txt)" >&2; exit 1; }
+cxx=$(sed -n 's/^CMAKE_CXX_COMPILER:[A-Z]*=//p' "$build/CMakeCache.txt")
 mkdir -p "$out/cpu"
 started=$SECONDS
 
@@ -29,7 +35,6 @@ def swap(text, old, new):
     return text.replace(old, new)
 simd = open('src/cpu/simd.h').read()
 simd = swap(simd, '#if defined(__x86_64__) || defined(__i386__)', '#if 0  // wide-vectors-check: no intrinsics')
-simd = swap(simd, 'defined(__F16C__) && MSDA_VEC_BYTES == 64', '0')
 open(f'{out}/cpu/simd.h', 'w').write(simd)
 kernels = swap(open('src/cpu/kernels.inl').read(), '#include "cpu/simd.h"', f'#include "{out}/cpu/simd.h"')
 open(f'{out}/kernels.inl', 'w').write(kernels)
@@ -38,19 +43,20 @@ target = swap(target, '"cpu/kernels.inl"', f'"{out}/kernels.inl"')
 target = swap(target, '#define MSDA_VEC_BYTES 32', '#define MSDA_VEC_BYTES 64')
 open(f'{out}/avx2_as_avx512.cpp', 'w').write(target)
 PY
-${CXX:-g++} -O1 -DNDEBUG -fPIC -std=gnu++20 -fopenmp -DMSDA_CPU_TARGETS_X86=1 -Iinclude -Isrc -march=x86-64-v3 \
+"${cxx:-c++}" -O1 -DNDEBUG -fPIC -std=gnu++20 -fopenmp -DMSDA_CPU_TARGETS_X86=1 -Iinclude -Isrc -march=x86-64-v3 \
   -mno-f16c -ffp-contract=off -fno-trapping-math -Wno-psabi -c "$out/avx2_as_avx512.cpp" -o "$out/avx2_as_avx512.o"
 
 # The archive's avx2 member replaced by the wide build, under the member's own name.
 cp "$build/libmsda.a" "$out/libmsda.a"
-member=$(ar t "$out/libmsda.a" | grep -x 'avx2\.cpp\.o')
+member=$(ar t "$out/libmsda.a" | grep -x 'avx2\.cpp\.o') ||
+  { echo "wide-vectors-check: build/libmsda.a has no avx2 target (an x86-64 build is needed)" >&2; exit 1; }
 cp "$out/avx2_as_avx512.o" "$out/$member"
 (cd "$out" && ar r libmsda.a "$member")
 
-# msda_tests linked as CMake links it, against the copy.
-link=$(sed -e "s| ../libmsda.a | $out/libmsda.a |g" -e "s| -o msda_tests | -o $out/msda_tests |" \
-  "$build/tests/CMakeFiles/msda_tests.dir/link.txt")
-[[ $link == *"$out/libmsda.a"* && $link == *"-o $out/msda_tests"* ]] ||
+# msda_tests linked as CMake links it (from build/tests), against the copy: paths relative to
+# build/tests, so that nothing of the checkout's own path passes through sed or eval.
+link=$(sed -e "s| ../libmsda.a | ../wide-vectors/libmsda.a |g" -e "s| -o msda_tests | -o ../wide-vectors/msda_tests |" "$link_txt")
+[[ $link == *" ../wide-vectors/libmsda.a "* && $link == *"-o ../wide-vectors/msda_tests "* ]] ||
   { echo "wide-vectors-check: msda_tests' link line has changed shape" >&2; exit 1; }
 (cd "$build/tests" && eval "$link")
 

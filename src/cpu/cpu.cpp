@@ -328,9 +328,9 @@ struct ScratchBuffer {
     constexpr auto round_up = round_up_to_line;
     const auto LP = static_cast<std::size_t>(p.K);
     scratch.channels_bytes = round_up(static_cast<std::size_t>(p.D) * 8);
-    // 16 samples more than K: a whole vector of any target's lanes read from any sample of the
-    // group stays inside each of its arrays (the backward's block_dot_gradients).
-    scratch.group_capacity = static_cast<std::int64_t>((LP + 7) / 8 * 8 + 16);
+    // kMaxLanes samples more than K: a whole vector of any target's lanes read from any sample of
+    // the group stays inside each of its arrays (the backward's block_dot_gradients).
+    scratch.group_capacity = static_cast<std::int64_t>((LP + 7) / 8 * 8) + kMaxLanes;
     scratch.group_bytes = round_up(static_cast<std::size_t>(scratch.group_capacity) * kGroupBytesPerSample);
     std::size_t extra = 0, owner_bytes = 0;
     // Only the backward and the staged forward walk an order; a direct forward needs none.

@@ -54,16 +54,21 @@ inline OwnerLayout owner_layout(std::int64_t queries, std::int64_t D, std::size_
 // forwarded from the store buffer and stalled the core until the stores had drained.
 constexpr int kGroups = 3;
 
+// The most lanes of any target's vectors (f32 on AVX-512): the padding that lets kernels read and
+// write whole vectors of a query's samples.
+inline constexpr std::int64_t kMaxLanes = 16;
+
 // The backward's gradients of one query's K samples, in a thread's scratch: grads_stride(K) weight
-// gradients, then 2 grads_stride(K) location gradients (x, y interleaved). K rounded up to 16, the
-// most lanes of any target's vectors, so that whole vectors of gradients can be stored: lanes past
-// the last sample land in the padding.
-constexpr std::int64_t grads_stride(std::int64_t K) { return (K + 15) / 16 * 16; }
+// gradients, then 2 grads_stride(K) location gradients (x, y interleaved). K rounded up to
+// kMaxLanes, so that whole vectors of gradients can be stored: lanes past the last sample land in
+// the padding.
+constexpr std::int64_t grads_stride(std::int64_t K) { return (K + kMaxLanes - 1) / kMaxLanes * kMaxLanes; }
 
 // Per-thread working memory, allocated by the dispatcher before any parallel region (so that a
 // bad_alloc reaches the caller) and handed to the kernels. Each thread's slice is laid out as
-// [channels | kGroups groups | extra | head rows | owner]: one row of D channels (runtime D), the
-// geometry of kGroups groups of samples (kernels.inl), kernel-specific arrays, then
+// [channels | kGroups groups | grads | extra | head rows | owner]: one row of D channels (runtime
+// D), the geometry of kGroups groups of samples (kernels.inl), the backward's gradients of one
+// query with its spare row at their end (grads_bytes), kernel-specific arrays, then
 // (staged) the copy of one head's value rows, then (backward, owner-computes) OwnerLayout's arrays.
 struct Scratch {
   std::byte* base = nullptr;
@@ -71,7 +76,7 @@ struct Scratch {
   std::size_t channels_bytes = 0;  // D elements of the widest compute type
   std::size_t group_bytes = 0;     // kGroupBytesPerSample per sample of a group (kGroups per thread)
   std::size_t grads_bytes = 0;     // backward: 3 grads_stride(K) gradients of one query, then the spare row
-  std::int64_t group_capacity = 0; // samples per geometry group, a multiple of 8, K + 16 or more
+  std::int64_t group_capacity = 0; // samples per geometry group, a multiple of 8, K + kMaxLanes or more
   std::int64_t levels_per_part = 0; // backward: levels of one part (all of them, or 1)
   std::int64_t query_parts = 1;     // backward without grad_value: query ranges per part
   std::int64_t band_rows = 0;       // backward scatter: rows per band of a level (0: no bands)

@@ -784,8 +784,8 @@ MSDA_INLINE T stored(double x) {
 
 // The fused backward's chain rule for one row (n, q, m), right after its samples: grads holds
 // g_a[LP] (d out / d weight) and, from grads_stride(LP) on, g_loc[2 LP] (d out / d location,
-// interleaved x, y); group holds
-// the row's softmax weights and offsets, and the scales d location / d offset. Writes the row's
+// interleaved x, y); group holds the row's softmax weights and offsets, and the scales
+// d location / d offset. Writes the row's
 // logit and offset gradients and, when `partial` is not null, the sums over the row's points of
 // each level's reference-point gradient (partial[l * R + c]). A sample whose g_loc is zero (one
 // zeroed by the range rule) adds nothing: its offset or box size may be infinite, and 0 * inf
@@ -841,7 +841,7 @@ MSDA_INLINE void fused_chain(const Params& p, const Group<C>& group, const C* gr
 }
 
 // The dot products of kLanes samples, as block_dot_gradients sums them: dots[j] holds block j's
-// (samples j * B to j * B + B - 1) four corners, corner c of sample b in lanes [c * B, c * B + B).
+// (samples j * B to j * B + B - 1) four corners, corner c of sample j * B + b in lane c * B + b.
 // Transposed to d[c]: corner c of all kLanes samples, sample j * B + b in lane j * B + b. A 4 x 4
 // transpose of B-lane elements in two rounds of two-vector shuffles, 8 in all.
 template <int B, int L>
@@ -898,20 +898,16 @@ MSDA_INLINE void block_dot_gradients(const Channels<V, kD>& g, const Group<C>& g
                                      std::int64_t value_stride, std::int64_t s_begin, std::int64_t s_end, C* grads,
                                      std::int64_t grads_at) {
   constexpr int kL = kLanes<C>;
-  static_assert(kL == 4 * kBlock);
+  static_assert(kL == 4 * kBlock && kMaxLanes % kL == 0, "grads_stride and group capacities pad to whole vectors");
   const std::int64_t cap = group.capacity;
-  // kL values from src: the group's arrays have room up to a whole vector past s_end (lanes past
-  // it are computed from whatever they hold, and stored only into grads' padding).
-  auto lanes_of = [](const C* src) MSDA_INLINE_LAMBDA {
-    Vec<C> v;
-    __builtin_memcpy(&v, src, sizeof(v));
-    return v;
-  };
-  // kL doubles from src in C, converted a native vector at a time (a vector of kL doubles, wider
-  // than the target's, went through the stack).
-  auto lanes_of_doubles = [lanes_of](const double* src) MSDA_INLINE_LAMBDA {
+  // Whole vectors (kL lanes) are read from the group's arrays at s0 < s_end: each array has
+  // kMaxLanes samples of room past K (cpu.cpp); lanes past s_end are computed from whatever they
+  // hold, and stored only into grads' padding. lanes_of_doubles: kL doubles from src in C,
+  // converted a native vector at a time (a vector of kL doubles, wider than the target's, went
+  // through the stack).
+  auto lanes_of_doubles = [](const double* src) MSDA_INLINE_LAMBDA {
     if constexpr (std::is_same_v<C, double>) {
-      return lanes_of(src);
+      return load_compute(src);
     } else {
       static_assert(kL == 2 * kLanes<double>);
       typedef C Half __attribute__((vector_size(kL / 2 * sizeof(C))));
@@ -942,19 +938,19 @@ MSDA_INLINE void block_dot_gradients(const Channels<V, kD>& g, const Group<C>& g
     }
     Vec<C> d[4];
     transpose_dots<kBlock, C>(dots, d, std::make_integer_sequence<int, kL>{});
-    const Vec<C> lh = lanes_of(group.lh + s0), lw = lanes_of(group.lw + s0), hh = 1 - lh, hw = 1 - lw;
+    const Vec<C> lh = load_compute(group.lh + s0), lw = load_compute(group.lw + s0), hh = 1 - lh, hw = 1 - lw;
     // d_weight = sum_c w_c dot(g, v_c); d_u = dot(g, hh (v01 - v00) + lh (v11 - v10));
     // d_v = dot(g, hw (v10 - v00) + lw (v11 - v01)); an off-map corner's value is zero.
-    const Vec<C> d_weight_sum = lanes_of(group.bilinear + s0) * d[0] + lanes_of(group.bilinear + cap + s0) * d[1] +
-                                lanes_of(group.bilinear + 2 * cap + s0) * d[2] +
-                                lanes_of(group.bilinear + 3 * cap + s0) * d[3];
+    const Vec<C> d_weight_sum = load_compute(group.bilinear + s0) * d[0] + load_compute(group.bilinear + cap + s0) * d[1] +
+                                load_compute(group.bilinear + 2 * cap + s0) * d[2] +
+                                load_compute(group.bilinear + 3 * cap + s0) * d[3];
     const Vec<C> d_u = hh * (d[1] - d[0]) + lh * (d[3] - d[2]), d_v = hw * (d[2] - d[0]) + lw * (d[3] - d[1]);
     const Vec<C> a = lanes_of_doubles(group.a + s0);
     // NaN gradients canonical: the backward's loop is compiled more than once (canonical_nan).
     const Vec<C> d_weight = canonical_nan<C>(d_weight_sum);
     const Vec<C> g_x = canonical_nan<C>(a * lanes_of_doubles(group.width + s0) * d_u),
                  g_y = canonical_nan<C>(a * lanes_of_doubles(group.height + s0) * d_v);
-    const std::int64_t k = s0 - s_begin;  // < count <= grads_at, both multiples of kL
+    const std::int64_t k = s0 - s_begin;  // a multiple of kL, as grads_at is; k < count <= grads_at
     constexpr auto lanes = std::make_integer_sequence<int, kL>{};
     const Vec<C> xy_low = interleave<0, C>(g_x, g_y, lanes), xy_high = interleave<1, C>(g_x, g_y, lanes);
     __builtin_memcpy(grads + k, &d_weight, sizeof(d_weight));
@@ -969,9 +965,10 @@ MSDA_INLINE void block_dot_gradients(const Channels<V, kD>& g, const Group<C>& g
 // corner (row -1) adds into `spare`, a row nobody reads. With a test and a jump per corner, and
 // the add itself placed out of line, the scatter was about 100 instructions per sample (Intel
 // Xeon, AVX-512, D = 32), several times the loads, multiply-adds and stores it has to do.
-// kCopy: acc is the part's copy (own_rows), rows D apart, and `spare` its row -1, so an off-map
-// corner needs no select either: GCC made the select a test and a branch, and with the stride's
-// multiply it was a third of the scatter's instructions (AMD Zen 3, AVX2, callgrind).
+// kCopy: acc is the part's copy (own_rows), rows D apart, whose row -1 is the spare row (`spare`
+// is not read), so an off-map corner needs no select either: GCC made the select a test and a
+// branch, and with the stride's multiply it was a quarter of the scatter's instructions (AMD Zen
+// 3, AVX2, callgrind).
 template <bool kCopy, class V, int kD, class C>
 MSDA_INLINE void scatter_samples(const Channels<V, kD>& g, const Group<C>& group, std::int64_t s0, std::int64_t s1,
                                  C* acc, std::int64_t stride, C* spare) {
@@ -1316,8 +1313,8 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
           }
           s = level_first + p.points[l];
           if (acc && whole_part) {
-            if (acc == own_rows)
-              scatter_samples<true>(g, group, level_first, s, acc, stride, spare_row);
+            if (acc == own_rows)  // the copy's row -1 is spare_row
+              scatter_samples<true>(g, group, level_first, s, acc, stride, static_cast<C*>(nullptr));
             else
               scatter_samples<false>(g, group, level_first, s, acc, stride, spare_row);
           }

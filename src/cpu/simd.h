@@ -286,10 +286,10 @@ MSDA_INLINE T canonical_nan(T x) {
 
 // x and y as elements of E lanes in blocks of B lanes: each block of the result holds the sums of
 // x's adjacent pairs of elements in that block, then y's. With B the lanes of 128 bits and E = 1
-// each source is one in-lane shuffle (vshufps, vunpcklpd, NEON uzp1/uzp2: a horizontal add); with
-// B the whole vector and E the lanes of 128 bits, one shuffle of 128-bit lanes (vperm2f128,
-// vshuff32x4). The folds of fold() instead cross 128-bit lanes first, which x86 does in two
-// instructions, or a vpermd with its index vector, per source.
+// each source is one in-lane shuffle (vshufps, vunpcklpd: a horizontal add); with B the whole
+// vector and E the lanes of 128 bits, one shuffle of 128-bit lanes (vperm2f128, vshuff32x4); with
+// B the whole vector and E = 1, SVE's uzp1 and uzp2. The folds of fold() instead cross 128-bit
+// lanes first, which x86 does in two instructions, or a vpermd with its index vector, per source.
 template <class C, int E, int B>
 MSDA_INLINE Vec<C> pair_sums(Vec<C> x, Vec<C> y) {
   constexpr int L = kLanes<C>;
@@ -303,25 +303,34 @@ MSDA_INLINE Vec<C> pair_sums(Vec<C> x, Vec<C> y) {
 }
 
 // reduce_lanes' levels: N vectors left (pairs summed into v[0, N / 2)); the first log2(P) levels
-// add within 128-bit lanes (P of them per 128 bits), the rest across them.
+// add adjacent lanes within blocks of P lanes (128 bits on x86), the rest add blocks across them.
 template <class C, int N, int P>
 MSDA_INLINE void reduce_levels(Vec<C>* v) {
   if constexpr (N > 1) {
     constexpr int L = kLanes<C>;
-    constexpr bool within = N > L / P;
 #pragma GCC unroll 32
-    for (int i = 0; i < N / 2; ++i)
-      v[i] = within ? pair_sums<C, 1, P>(v[2 * i], v[2 * i + 1]) : pair_sums<C, P, L>(v[2 * i], v[2 * i + 1]);
+    for (int i = 0; i < N / 2; ++i) {
+      if constexpr (N > L / P)
+        v[i] = pair_sums<C, 1, P>(v[2 * i], v[2 * i + 1]);
+      else
+        v[i] = pair_sums<C, P, L>(v[2 * i], v[2 * i + 1]);
+    }
     reduce_levels<C, N / 2, P>(v);
   }
 }
 
 // Lane i of the result = sum(v[i]), for kLanes<C> vectors v (overwritten), in a fixed order (the
-// same bits on every call): log2(kLanes) levels, each summing adjacent pairs of lanes (pair_sums)
-// of pairs of vectors; kLanes - 1 of them for kLanes sums, where reduce4 takes 4 for 4.
+// same bits on every call): log2(kLanes) levels of pair sums of pairs of vectors (adjacent lanes,
+// then adjacent 128-bit blocks); kLanes - 1 of them for kLanes sums, where reduce4 takes 4 for 4.
+// SVE has no 128-bit lanes in its permutes: there every level pairs adjacent lanes of the whole
+// vector (uzp1, uzp2).
 template <class C>
 MSDA_INLINE Vec<C> reduce_lanes(Vec<C>* v) {
+#if defined(MSDA_TARGET_SVE)
+  constexpr int L = kLanes<C>, P = L;
+#else
   constexpr int L = kLanes<C>, P = 16 / static_cast<int>(sizeof(C)) < L ? 16 / static_cast<int>(sizeof(C)) : L;
+#endif
   reduce_levels<C, L, P>(v);
   return v[0];
 }
