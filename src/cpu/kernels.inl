@@ -785,9 +785,8 @@ MSDA_INLINE T stored(double x) {
 // The fused backward's chain rule for one row (n, q, m), right after its samples: grads holds
 // g_a[LP] (d out / d weight) and, from grads_stride(LP) on, g_loc[2 LP] (d out / d location,
 // interleaved x, y); group holds the row's softmax weights and offsets, and the scales
-// d location / d offset. Writes the row's
-// logit and offset gradients and, when `partial` is not null, the sums over the row's points of
-// each level's reference-point gradient (partial[l * R + c]). A sample whose g_loc is zero (one
+// d location / d offset. Writes the row's logit and offset gradients and, when `partial` is not
+// null, the sums over the row's points of each level's reference-point gradient (partial[l * R + c]). A sample whose g_loc is zero (one
 // zeroed by the range rule) adds nothing: its offset or box size may be infinite, and 0 * inf
 // would be NaN. The per-element loops are plain vectorizable loops: scalar code here (a
 // conversion and a store per element) cost more than the rest of the chain together.

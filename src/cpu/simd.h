@@ -231,19 +231,23 @@ constexpr Mask<C> make_mask(F f, std::integer_sequence<int, I...>) {
   return Mask<C>{static_cast<LaneIndex<C>>(f(I))...};
 }
 
-// x and y each hold kLanes/G groups of G lanes. Returns twice as many groups of G/2 lanes, x's
-// groups then y's, each the sum of its group's two halves.
-template <class C, int G>
-MSDA_INLINE Vec<C> fold(Vec<C> x, Vec<C> y) {
+// x and y as elements of E lanes in blocks of B lanes: each block of the result holds the sums of
+// x's adjacent pairs of elements in that block, then y's. With B the lanes of 128 bits and E = 1
+// each source is one in-lane shuffle (vshufps, vunpcklpd: a horizontal add); with B the whole
+// vector and E the lanes of 128 bits, one shuffle of 128-bit lanes (vperm2f128, vshuff32x4); with
+// B the whole vector and E = 1, SVE's uzp1 and uzp2. With B the whole vector and E = G / 2 it folds
+// groups of G lanes to half their width (collapse, reduce4): those cross 128-bit lanes first,
+// which x86 does in two instructions, or a vpermd with its index vector, per source.
+template <class C, int E, int B>
+MSDA_INLINE Vec<C> pair_sums(Vec<C> x, Vec<C> y) {
   constexpr int L = kLanes<C>;
-  constexpr auto source = [](int i) {
-    const int half = G / 2, groups = L / G, k = i / half, r = i % half;
-    return k < groups ? k * G + r : L + (k - groups) * G + r;
+  constexpr auto source = [](int i, int second) {
+    const int block = i / B, j = i % B, half = B / 2;
+    return j / half * L + block * B + (2 * ((j % half) / E) + second) * E + j % E;
   };
-  constexpr Mask<C> low = make_mask<C>(source, std::make_integer_sequence<int, L>{});
-  constexpr Mask<C> high = make_mask<C>([source](int i) { return source(i) + G / 2; },
-                                        std::make_integer_sequence<int, L>{});
-  return __builtin_shuffle(x, y, low) + __builtin_shuffle(x, y, high);
+  constexpr Mask<C> first = make_mask<C>([source](int i) { return source(i, 0); }, std::make_integer_sequence<int, L>{});
+  constexpr Mask<C> second = make_mask<C>([source](int i) { return source(i, 1); }, std::make_integer_sequence<int, L>{});
+  return __builtin_shuffle(x, y, first) + __builtin_shuffle(x, y, second);
 }
 
 // Groups of G lanes folded down to their sums (in the first lanes, in order).
@@ -252,7 +256,7 @@ MSDA_INLINE Vec<C> collapse(Vec<C> z) {
   if constexpr (G == 1) {
     return z;
   } else {
-    return collapse<C, G / 2>(fold<C, G>(z, z));
+    return collapse<C, G / 2>(pair_sums<C, G / 2, kLanes<C>>(z, z));
   }
 }
 
@@ -260,14 +264,14 @@ MSDA_INLINE Vec<C> collapse(Vec<C> z) {
 template <class C>
 MSDA_INLINE void reduce4(Vec<C> a, Vec<C> b, Vec<C> c, Vec<C> d, C* out) {
   constexpr int L = kLanes<C>;
-  const Vec<C> x = fold<C, L>(a, b), y = fold<C, L>(c, d);
+  const Vec<C> x = pair_sums<C, L / 2, L>(a, b), y = pair_sums<C, L / 2, L>(c, d);
   if constexpr (L == 2) {
     out[0] = x[0];
     out[1] = x[1];
     out[2] = y[0];
     out[3] = y[1];
   } else {
-    const Vec<C> z = collapse<C, L / 4>(fold<C, L / 2>(x, y));
+    const Vec<C> z = collapse<C, L / 4>(pair_sums<C, L / 4, L>(x, y));
     for (int i = 0; i < 4; ++i) out[i] = z[i];
   }
 }
@@ -282,24 +286,6 @@ template <class C, class T>
 MSDA_INLINE T canonical_nan(T x) {
   const T nan = T{} + static_cast<C>(__builtin_nan(""));
   return x == x ? x : nan;
-}
-
-// x and y as elements of E lanes in blocks of B lanes: each block of the result holds the sums of
-// x's adjacent pairs of elements in that block, then y's. With B the lanes of 128 bits and E = 1
-// each source is one in-lane shuffle (vshufps, vunpcklpd: a horizontal add); with B the whole
-// vector and E the lanes of 128 bits, one shuffle of 128-bit lanes (vperm2f128, vshuff32x4); with
-// B the whole vector and E = 1, SVE's uzp1 and uzp2. The folds of fold() instead cross 128-bit
-// lanes first, which x86 does in two instructions, or a vpermd with its index vector, per source.
-template <class C, int E, int B>
-MSDA_INLINE Vec<C> pair_sums(Vec<C> x, Vec<C> y) {
-  constexpr int L = kLanes<C>;
-  constexpr auto source = [](int i, int second) {
-    const int block = i / B, j = i % B, half = B / 2;
-    return j / half * L + block * B + (2 * ((j % half) / E) + second) * E + j % E;
-  };
-  constexpr Mask<C> first = make_mask<C>([source](int i) { return source(i, 0); }, std::make_integer_sequence<int, L>{});
-  constexpr Mask<C> second = make_mask<C>([source](int i) { return source(i, 1); }, std::make_integer_sequence<int, L>{});
-  return __builtin_shuffle(x, y, first) + __builtin_shuffle(x, y, second);
 }
 
 // reduce_lanes' levels: N vectors left (pairs summed into v[0, N / 2)); the first log2(P) levels
