@@ -358,8 +358,12 @@ struct ScratchBuffer {
     } else {
       extra = round_up(static_cast<std::size_t>(p.D) * 8);  // a zero row
     }
-    const std::size_t head_rows_bytes = round_up(static_cast<std::size_t>(head_rows * p.D) * size_of(p.problem->value_dtype));
-    const std::size_t head_rows_at = scratch.channels_bytes + kGroups * scratch.group_bytes + scratch.grads_bytes + extra;
+    // A staged copy of value rows has a row of zeros right before it, its row -1: the backward's
+    // dot products read it for off-map corners (kernels.inl, block_dot_gradients).
+    const std::size_t row_bytes = static_cast<std::size_t>(p.D) * size_of(p.problem->value_dtype);
+    const std::size_t head_rows_bytes = head_rows > 0 ? round_up(static_cast<std::size_t>(head_rows) * row_bytes) : 0;
+    const std::size_t head_rows_at = scratch.channels_bytes + kGroups * scratch.group_bytes + scratch.grads_bytes + extra +
+                                     (head_rows > 0 ? round_up(row_bytes) : 0);
     if (head_rows > 0) scratch.head_rows_at = head_rows_at;
     if (owner_bytes > 0) scratch.owner_at = head_rows_at + head_rows_bytes;
     scratch.stride = head_rows_at + head_rows_bytes + owner_bytes + 64;

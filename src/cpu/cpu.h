@@ -91,7 +91,8 @@ struct Scratch {
   std::int64_t owner_records = 0;  // records a part may make (its owner levels' in-range corners)
   std::int64_t owner_rows = 0;     // rows of a part (or band)
   // Staged gathers (CpuTuning::staging): where in a thread's slice the copy of the value rows of
-  // the head it works on starts, [rows, D] of the value type; 0: the gathers read value directly.
+  // the head it works on starts, [rows, D] of the value type, with room for one row before it
+  // (the backward's zero row); 0: the gathers read value directly.
   std::size_t head_rows_at = 0;
   // Backward and staged forward: the order a part walks its queries, Q entries (a permutation
   // of [0, Q)), or null: 0, 1, ... (cpu.cpp, query_walk).

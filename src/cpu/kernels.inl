@@ -161,20 +161,49 @@ MSDA_INLINE std::int64_t query_at(const std::int64_t* walk, std::int64_t step) {
 
 // ---- sample geometry, many samples at a time -------------------------------------------------
 
+// dst[0, count) = src[0, count), each element converted as static_cast converts it: whole
+// vectors of N elements, the last of them overlapping the one before where count is not a
+// multiple of N (it writes the same values again), one element at a time only when count < N.
+// Written out for the short runs a query reads and writes (its K weights, 2K locations and their
+// gradients): GCC's own vector loop checked the two arrays for overlap and ran its tails element
+// by element, ~5 instructions an element (AMD Zen 3, AVX2, callgrind). A copy goes through
+// opaque(), or GCC makes the loop a call of memmove.
+template <int N, class To, class From>
+MSDA_INLINE void convert_run(To* __restrict dst, const From* __restrict src, std::int64_t count) {
+  typedef From Narrow __attribute__((vector_size(N * sizeof(From))));
+  typedef To Wide __attribute__((vector_size(N * sizeof(To))));
+  if (count < N) {
+    for (std::int64_t i = 0; i < count; ++i) dst[i] = static_cast<To>(src[i]);
+    return;
+  }
+  auto vector_at = [&](std::int64_t i) MSDA_INLINE_LAMBDA {
+    Wide w;
+    if constexpr (std::is_same_v<To, double> && std::is_same_v<From, float> && N == kLanes<double>) {
+      w = load_floats_as_doubles(src + i);
+    } else {
+      Narrow v;
+      __builtin_memcpy(&v, src + i, sizeof(v));
+      if constexpr (std::is_same_v<To, From>)
+        w = opaque(v);
+      else
+        w = __builtin_convertvector(v, Wide);
+    }
+    __builtin_memcpy(dst + i, &w, sizeof(w));
+  };
+  for (std::int64_t i = 0; i < count - N; i += N) vector_at(i);
+  vector_at(count - N);
+}
+
 // Reads `count` locations or weights of any allowed dtype as doubles; the dtype switch sits
 // outside the loops so each loop is a plain (vectorized) conversion.
 MSDA_INLINE void load_doubles(const void* base, std::int64_t first, std::int64_t count, DType dtype, double* dst) {
   switch (dtype) {
-    case DType::f32: {
-      const float* src = static_cast<const float*>(base) + first;
-      for (std::int64_t i = 0; i < count; ++i) dst[i] = src[i];
+    case DType::f32:
+      convert_run<kLanes<double>>(dst, static_cast<const float*>(base) + first, count);
       return;
-    }
-    case DType::f64: {
-      const double* src = static_cast<const double*>(base) + first;
-      for (std::int64_t i = 0; i < count; ++i) dst[i] = src[i];
+    case DType::f64:
+      convert_run<kLanes<double>>(dst, static_cast<const double*>(base) + first, count);
       return;
-    }
     case DType::bf16: {
       const bf16* src = static_cast<const bf16*>(base) + first;
       for (std::int64_t i = 0; i < count; ++i) dst[i] = bf16_to_float(src[i]);
@@ -192,10 +221,10 @@ template <class C>
 MSDA_INLINE void store_values(void* base, std::int64_t first, std::int64_t count, DType dtype, const C* src) {
   switch (dtype) {
     case DType::f32:
-      for (std::int64_t i = 0; i < count; ++i) static_cast<float*>(base)[first + i] = static_cast<float>(src[i]);
+      convert_run<kLanes<C>>(static_cast<float*>(base) + first, src, count);
       return;
     case DType::f64:
-      for (std::int64_t i = 0; i < count; ++i) static_cast<double*>(base)[first + i] = static_cast<double>(src[i]);
+      convert_run<kLanes<C>>(static_cast<double*>(base) + first, src, count);
       return;
     case DType::bf16:
       for (std::int64_t i = 0; i < count; ++i)
@@ -417,7 +446,9 @@ struct Group {
     prepared = nq;
     const std::int64_t R = p.reference_coords;
     half = R == 2 ? 1.0 : p.offset_scale;
-    double ref[4] = {0, 0, 1, 1};
+    // Room for a whole vector of any target: load_doubles' vector path, which R (2 or 4) values
+    // never take, would otherwise draw GCC's array-bounds warning.
+    double ref[kMaxLanes] = {0, 0, 1, 1};
     for (std::int64_t l = 0; l < p.L; ++l) {
       load_doubles(p.reference_points, (nq * p.L + l) * R, R, p.reference_dtype, ref);
       level_origin_x[l] = ref[0];
@@ -446,6 +477,14 @@ struct Group {
   // Locates samples [begin, end); lanes past `end` up to the next vector boundary are computed
   // too (harmless: they hold earlier or padding samples).
   MSDA_INLINE void locate_range(std::int64_t begin, std::int64_t end) { locate_from(begin - begin % kStep, end); }
+
+  // Samples [end, until) get no corner on the map (until - end < kMaxLanes): block_dot_gradients
+  // reads whole blocks of samples from a level range's first, and the last block may end past
+  // its last sample, beyond the lanes locate_range computed.
+  MSDA_INLINE void off_map(std::int64_t end, std::int64_t until) {
+    for (std::int64_t s = end; s < until; ++s)
+      for (int c = 0; c < 4; ++c) pixel[c * capacity + s] = -1;
+  }
 
   // The geometry of kStep samples from s, as vectors.
   struct Lanes {
@@ -528,10 +567,10 @@ struct Group {
     const VI off_map = VI{} - 1;
     for (std::int64_t s = first; s < count; s += kStep) {
       const Lanes g = geometry(s);
-      // Exact: H*W < 2^53 for any real map; converted once (64-bit integer multiplies are slow).
+      // Exact: H*W < 2^51 for any real map; converted once (64-bit integer multiplies are slow).
       VI level;
       __builtin_memcpy(&level, level_offset + s, sizeof(level));
-      const VI p00 = __builtin_convertvector(g.fh * g.W + g.fw, VI) + level, Wi = __builtin_convertvector(g.W, VI);
+      const VI p00 = whole_lanes_to_int(g.fh * g.W + g.fw) + level, Wi = whole_lanes_to_int(g.W);
       const VI corner[4] = {p00, p00 + 1, p00 + Wi, p00 + Wi + 1};
       for (int c = 0; c < 4; ++c) {
         const VI px = g.on[c] ? corner[c] : off_map;
@@ -557,9 +596,9 @@ struct Group {
       const Lanes g = geometry(s);
       VI level;
       __builtin_memcpy(&level, level_offset + s, sizeof(level));
-      // Byte offsets in double: exact below 2^53, which any tensor in memory is.
-      const VI p00 = __builtin_convertvector((g.fh * g.W + g.fw) * row_bytes_d, VI) + level + base;
-      const VI down = __builtin_convertvector(g.W * row_bytes_d, VI);
+      // Byte offsets in double: exact below 2^51, which any tensor in memory is.
+      const VI p00 = whole_lanes_to_int((g.fh * g.W + g.fw) * row_bytes_d) + level + base;
+      const VI down = whole_lanes_to_int(g.W * row_bytes_d);
       const VI corner[4] = {p00, p00 + row_bytes, p00 + down, p00 + down + row_bytes};
       const VD a_in = g.in ? load_compute(a + s) : zero;
       for (int c = 0; c < 4; ++c) {
@@ -892,7 +931,12 @@ MSDA_INLINE Vec<C> interleave(Vec<C> x, Vec<C> y, std::integer_sequence<int, I..
 // grads as backward_kernel reads it, in whole vectors: [count) weight gradients, then from
 // grads_at on (grads_stride) [2 count) location gradients, x and y interleaved; lanes past s_end
 // land in grads' padding. part_value: the part's first row, rows value_stride apart.
-template <int kBlock, class V, int kD, class C>
+// kZeroRow: part_value is the staged copy (value_stride D), whose row -1 is zeros, and g's row is
+// one whose dot product with zeros is +0 (zero_dot_is_plus_zero): an off-map corner (row -1)
+// then reads the zero row, the same +0 as the select gives, with neither the select nor its
+// branch, which mispredicts at the map's edges (a fifth of the dot products' instructions, AMD
+// Zen 3, AVX2, callgrind).
+template <int kBlock, bool kZeroRow, class V, int kD, class C>
 MSDA_INLINE void block_dot_gradients(const Channels<V, kD>& g, const Group<C>& group, const V* part_value,
                                      std::int64_t value_stride, std::int64_t s_begin, std::int64_t s_end, C* grads,
                                      std::int64_t grads_at) {
@@ -901,7 +945,9 @@ MSDA_INLINE void block_dot_gradients(const Channels<V, kD>& g, const Group<C>& g
   const std::int64_t cap = group.capacity;
   // Whole vectors (kL lanes) are read from the group's arrays at s0 < s_end: each array has
   // kMaxLanes samples of room past K (cpu.cpp); lanes past s_end are computed from whatever they
-  // hold, and stored only into grads' padding. lanes_of_doubles: kL doubles from src in C,
+  // hold, and stored only into grads' padding. Blocks wholly past s_end are skipped; the lanes
+  // past s_end of the last one read no row (the caller set them off the map: Group::off_map).
+  // lanes_of_doubles: kL doubles from src in C,
   // converted a native vector at a time (a vector of kL doubles, wider than the target's, went
   // through the stack).
   auto lanes_of_doubles = [](const double* src) MSDA_INLINE_LAMBDA {
@@ -929,8 +975,11 @@ MSDA_INLINE void block_dot_gradients(const Channels<V, kD>& g, const Group<C>& g
         const std::int64_t s = s0 + j * kBlock + b;
 #pragma GCC unroll 4
         for (int c = 0; c < 4; ++c) {
-          const std::int64_t row = s < s_end ? group.pixel[c * cap + s] : -1;
-          t[c * kBlock + b] = row >= 0 ? g.products(part_value + row * value_stride) : Vec<C>{};
+          const std::int64_t row = group.pixel[c * cap + s];
+          if constexpr (kZeroRow)
+            t[c * kBlock + b] = g.products(part_value + row * (kD > 0 ? kD : value_stride));
+          else
+            t[c * kBlock + b] = row >= 0 ? g.products(part_value + row * value_stride) : Vec<C>{};
         }
       }
       dots[j] = reduce_lanes<C>(t);
@@ -956,6 +1005,18 @@ MSDA_INLINE void block_dot_gradients(const Channels<V, kD>& g, const Group<C>& g
     __builtin_memcpy(grads + grads_at + 2 * k, &xy_low, sizeof(xy_low));
     __builtin_memcpy(grads + grads_at + 2 * k + kL, &xy_high, sizeof(xy_high));
   }
+}
+
+// Whether g's dot product with the row of zeros at `zeros` is +0, as a skipped corner's is: not
+// when g has an infinity or a NaN (0 * inf is NaN), nor when every element of g is negative or -0
+// (a sum of -0s is -0). Summed in another order than reduce_lanes sums, but a sum of zeros and
+// NaNs is NaN, -0 or +0 in any order.
+template <class V, int kD>
+MSDA_INLINE bool zero_dot_is_plus_zero(const Channels<V, kD>& g, const V* zeros) {
+  using C = Compute<V>;
+  const C dot = reduce_add<C>(g.products(zeros));
+  C plus_zero = 0;
+  return __builtin_memcmp(&dot, &plus_zero, sizeof(C)) == 0;
 }
 
 // grad_value's scatter for samples [s0, s1) of one query on one level: row r of the level's
@@ -1089,6 +1150,8 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
     // Staged (cpu.cpp: only with the dot products): the part's value rows, copied contiguous.
     V* head_rows = scratch.head_rows_at > 0 ? reinterpret_cast<V*>(mine + scratch.head_rows_at) : nullptr;
     std::int64_t held = -1;  // the (n, m, first level) whose rows head_rows holds
+    // The copy's row -1 is zeros (cpu.cpp reserves it): the dot products' off-map corners read it.
+    if (head_rows) __builtin_memset(static_cast<void*>(head_rows - D), 0, static_cast<std::size_t>(D) * sizeof(V));
     // Owner-computes: the part's grad_output rows, its corner records and their buckets.
     C* owner_grads = nullptr;
     CornerRecord<C>* records = nullptr;
@@ -1158,6 +1221,19 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
       bool owner_part = false;  // whether any of the part's levels is summed by owner-computes
       if (grad_value && records)
         for (std::int64_t l = l_begin; l < l_end; ++l) owner_part |= row_sum(l) == RowSum::owner;
+      // Decided once per part, not per query and level (the per-level set-up and the prefetch
+      // loop's level walk were ~10 instructions per sample on the encoders, AMD Zen 3): whether
+      // any level's accumulator rows are far (summed in grad_value itself), and whether every
+      // level adds into the same rows with the branch-free scatter and nothing per sample, so one
+      // scatter covers all the query's samples (pixel rows are counted from the part's first row,
+      // the same base for every level).
+      bool far_acc_part = false, one_scatter = grad_value && whole_part && !owner_part;
+      for (std::int64_t l = l_begin; l < l_end; ++l) {
+        far_acc_part |= grad_value && in_place(l);
+        one_scatter &= level_acc(l) == level_acc(l_begin) && acc_stride(l) == acc_stride(l_begin);
+      }
+      C* const part_acc = level_acc(l_begin);
+      const std::int64_t part_stride = acc_stride(l_begin);
       std::int64_t recorded = 0;
       // The part's rows of level l, [first, last) counted from first_row, for l in [l_begin, l_end).
       auto level_rows = [&](std::int64_t l, std::int64_t& first, std::int64_t& last) MSDA_INLINE_LAMBDA {
@@ -1201,9 +1277,16 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
       auto load_query = [&](Group<C>& group, std::int64_t step) MSDA_INLINE_LAMBDA {
         group.load(p, p.sample_index(n, query_at(walk, step), m, l_begin, 0), count, s_begin);
       };
+      // The block dot products' last block ends at blocks_end (block_dot_gradients).
+      constexpr int kBlock = kD > 0 ? kLanes<C> / 4 : 0;
+      const std::int64_t blocks_end = kBlock >= 2 ? s_begin + (s_end - s_begin + kBlock - 1) / kBlock * kBlock : s_end;
+      auto locate_query = [&](Group<C>& group) MSDA_INLINE_LAMBDA {
+        group.locate_range(s_begin, s_end);
+        group.off_map(s_end, blocks_end);
+      };
       if (q_begin < q_end) {
         load_query(groups[0], q_begin);
-        groups[0].locate_range(s_begin, s_end);
+        locate_query(groups[0]);
       }
       if (q_begin + 1 < q_end) load_query(groups[1], q_begin + 1);
       for (std::int64_t step = q_begin, slot = 0; step < q_end; ++step, slot = slot + 1 < kGroups ? slot + 1 : 0) {
@@ -1224,13 +1307,13 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
         }
         Group<C>& group = groups[slot];
         if (step + 2 < q_end) load_query(groups[(slot + 2) % kGroups], step + 2);
-        if (step + 1 < q_end) groups[(slot + 1) % kGroups].locate_range(s_begin, s_end);
+        if (step + 1 < q_end) locate_query(groups[(slot + 1) % kGroups]);
         // Every far corner row of the query's samples requested before the first is used: where
         // locations scatter (decoders), the rows come from the last-level cache or memory, and
         // one sample's loads alone would leave the CPU waiting on each in turn. Rows of a staged
         // copy or of own_rows (dense parts, whose rows the neighbouring queries have just used)
         // are near: prefetching them cost ~20% of the encoders' backward in stalls.
-        for (std::int64_t l = l_begin, s = s_begin; l < l_end; ++l) {
+        for (std::int64_t l = l_begin, s = s_begin; (far_value || far_acc_part) && l < l_end; ++l) {
           const bool far_acc = grad_value && in_place(l);
           if (!far_value && !far_acc) {
             s += p.points[l];
@@ -1247,10 +1330,24 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
         }
         g.load_row(grad_out + p.output_offset(n, q, m));
         if (owner_part) g.store_compute_row(owner_grads + (step - q_begin) * D);
-        constexpr int kBlock = kD > 0 ? kLanes<C> / 4 : 0;
         if constexpr (kBlock >= 2)
-          if (want_dots) block_dot_gradients<kBlock>(g, group, part_value, value_stride, s_begin, s_end, grads, grads_at);
-        for (std::int64_t l = l_begin, s = s_begin; l < l_end; ++l) {
+          if (want_dots) {
+            if (head_rows && zero_dot_is_plus_zero(g, head_rows - D))
+              block_dot_gradients<kBlock, true>(g, group, part_value, value_stride, s_begin, s_end, grads, grads_at);
+            else
+              block_dot_gradients<kBlock, false>(g, group, part_value, value_stride, s_begin, s_end, grads, grads_at);
+          }
+        // one_scatter: the scatter after the dot products, over the whole query; otherwise level
+        // by level, with what is per sample.
+        constexpr bool kPerSampleDots = kBlock < 2;
+        const bool by_level = !one_scatter || (kPerSampleDots && want_dots);
+        if (!by_level) {
+          if (part_acc == own_rows)  // the copy's row -1 is spare_row
+            scatter_samples<true>(g, group, s_begin, s_end, part_acc, part_stride, static_cast<C*>(nullptr));
+          else
+            scatter_samples<false>(g, group, s_begin, s_end, part_acc, part_stride, spare_row);
+        }
+        for (std::int64_t l = l_begin, s = s_begin; by_level && l < l_end; ++l) {
           const C H = static_cast<C>(p.height_f[l]), W = static_cast<C>(p.width_f[l]);
           C* const acc = level_acc(l);
           const bool owner = owner_part && row_sum(l) == RowSum::owner;
