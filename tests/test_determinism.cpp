@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <initializer_list>
+#include <limits>
 #include <string>
 #include <tuple>
 
@@ -255,6 +256,39 @@ TEST(DeterminismManyThreads, StagedOrDirectGathersGiveTheSameBits) {
         }
       }
     }
+}
+
+// Off-map corners of staged gathers read the copy's row of zeros (kernels.inl, kZeroRow), whose
+// dot product with grad_output must be the +0 that direct gathers give by skipping the corner. It
+// is not with an infinite grad_output element (0 * inf is NaN) nor when a grad_output row is all
+// negative (a sum of -0s is -0, visible where value's rows are zero): the kernel then skips the
+// corner as direct gathers do. Every element of the result, NaN and signed zeros included, must
+// have the direct gathers' bits.
+TEST(DeterminismManyThreads, StagedOffMapCornersGiveTheDirectGathersBits) {
+  const double inf = std::numeric_limits<double>::infinity();
+  for (int variant = 0; variant < 2; ++variant) {
+    Shape s;
+    s.batch = 1, s.heads = 2, s.channels = 32, s.queries = 60, s.points = 4;
+    s.levels = {{6, 9}, {3, 4}};
+    Case c = make_case(s, {DType::f32, DType::f32, DType::f32}, Locations::borders, case_seed(variant));
+    const char* what[] = {"every 7th grad_output element infinite", "grad_output all negative, value zero"};
+    for (std::int64_t e = 0; e < c.tensors.grad_output.size(); ++e) {
+      const double g = c.tensors.grad_output.get(e);
+      if (variant == 0 && e % 7 == 0) c.tensors.grad_output.set(e, e % 2 ? inf : -inf);
+      if (variant == 1) c.tensors.grad_output.set(e, -std::abs(g) - 0.25);
+    }
+    if (variant == 1)
+      for (std::int64_t i = 0; i < c.tensors.value.size(); ++i) c.tensors.value.set(i, 0.0);
+    for (msda::Isa isa : cpu_isas()) {
+      SCOPED_TRACE("isa " + std::string(msda::name(isa)) + " " + what[variant] + " " + c.label);
+      msda::Options direct{1, Backend::cpu, isa};
+      direct.tuning.staging = msda::CpuTuning::Staging::direct;
+      expect_switch_keeps_bits(c, direct, 2, [](msda::Options& o, int k) {
+        o.tuning.staging = msda::CpuTuning::Staging::copy;
+        o.tuning.level_parts = k == 1;
+      });
+    }
+  }
 }
 
 // An encoder's queries (as many as value's rows) walked in stripes of image rows: each stripe
