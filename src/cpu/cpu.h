@@ -66,10 +66,11 @@ constexpr std::int64_t grads_stride(std::int64_t K) { return (K + kMaxLanes - 1)
 
 // Per-thread working memory, allocated by the dispatcher before any parallel region (so that a
 // bad_alloc reaches the caller) and handed to the kernels. Each thread's slice is laid out as
-// [channels | kGroups groups | grads | extra | head rows | owner]: one row of D channels (runtime
-// D), the geometry of kGroups groups of samples (kernels.inl), the backward's gradients of one
-// query with its spare row at their end (grads_bytes), kernel-specific arrays, then
-// (staged) the copy of one head's value rows, then (backward, owner-computes) OwnerLayout's arrays.
+// [channels | kGroups groups | grads | extra | zero row | head rows | owner]: one row of D
+// channels (runtime D), the geometry of kGroups groups of samples (kernels.inl), the backward's
+// gradients of one query with its spare row at their end (grads_bytes), kernel-specific arrays,
+// then (staged) a row of zeros and the copy of one head's value rows, then (backward,
+// owner-computes) OwnerLayout's arrays.
 struct Scratch {
   std::byte* base = nullptr;
   std::size_t stride = 0;          // bytes per thread, a multiple of 64 (no false sharing)

@@ -167,7 +167,8 @@ MSDA_INLINE std::int64_t query_at(const std::int64_t* walk, std::int64_t step) {
 // Written out for the short runs a query reads and writes (its K weights, 2K locations and their
 // gradients): GCC's own vector loop checked the two arrays for overlap and ran its tails element
 // by element, ~5 instructions an element (AMD Zen 3, AVX2, callgrind). A copy goes through
-// opaque(), or GCC makes the loop a call of memmove.
+// opaque(), or GCC makes the loop a call of memmove (on the x86 baseline, without FMA, opaque()
+// hides nothing and the call may stay).
 template <int N, class To, class From>
 MSDA_INLINE void convert_run(To* __restrict dst, const From* __restrict src, std::int64_t count) {
   typedef From Narrow __attribute__((vector_size(N * sizeof(From))));
@@ -446,8 +447,8 @@ struct Group {
     prepared = nq;
     const std::int64_t R = p.reference_coords;
     half = R == 2 ? 1.0 : p.offset_scale;
-    // Room for a whole vector of any target: load_doubles' vector path, which R (2 or 4) values
-    // never take, would otherwise draw GCC's array-bounds warning.
+    // Room for a whole vector of any target: R (2 or 4) values are written, but GCC's
+    // array-bounds warning sees load_doubles' 8-lane path (AVX-512), which R never takes.
     double ref[kMaxLanes] = {0, 0, 1, 1};
     for (std::int64_t l = 0; l < p.L; ++l) {
       load_doubles(p.reference_points, (nq * p.L + l) * R, R, p.reference_dtype, ref);
@@ -481,7 +482,7 @@ struct Group {
   // Samples [end, until) get no corner on the map (until - end < kMaxLanes): block_dot_gradients
   // reads whole blocks of samples from a level range's first, and the last block may end past
   // its last sample, beyond the lanes locate_range computed.
-  MSDA_INLINE void off_map(std::int64_t end, std::int64_t until) {
+  MSDA_INLINE void no_corners(std::int64_t end, std::int64_t until) {
     for (std::int64_t s = end; s < until; ++s)
       for (int c = 0; c < 4; ++c) pixel[c * capacity + s] = -1;
   }
@@ -946,7 +947,7 @@ MSDA_INLINE void block_dot_gradients(const Channels<V, kD>& g, const Group<C>& g
   // Whole vectors (kL lanes) are read from the group's arrays at s0 < s_end: each array has
   // kMaxLanes samples of room past K (cpu.cpp); lanes past s_end are computed from whatever they
   // hold, and stored only into grads' padding. Blocks wholly past s_end are skipped; the lanes
-  // past s_end of the last one read no row (the caller set them off the map: Group::off_map).
+  // past s_end of the last one read no row (the caller set them off the map: Group::no_corners).
   // lanes_of_doubles: kL doubles from src in C,
   // converted a native vector at a time (a vector of kL doubles, wider than the target's, went
   // through the stack).
@@ -1227,7 +1228,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
       // level adds into the same rows with the branch-free scatter and nothing per sample, so one
       // scatter covers all the query's samples (pixel rows are counted from the part's first row,
       // the same base for every level).
-      bool far_acc_part = false, one_scatter = grad_value && whole_part && !owner_part;
+      bool far_acc_part = false, one_scatter = grad_value && whole_part && !owner_part && level_acc(l_begin);
       for (std::int64_t l = l_begin; l < l_end; ++l) {
         far_acc_part |= grad_value && in_place(l);
         one_scatter &= level_acc(l) == level_acc(l_begin) && acc_stride(l) == acc_stride(l_begin);
@@ -1282,7 +1283,7 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
       const std::int64_t blocks_end = kBlock >= 2 ? s_begin + (s_end - s_begin + kBlock - 1) / kBlock * kBlock : s_end;
       auto locate_query = [&](Group<C>& group) MSDA_INLINE_LAMBDA {
         group.locate_range(s_begin, s_end);
-        group.off_map(s_end, blocks_end);
+        group.no_corners(s_end, blocks_end);
       };
       if (q_begin < q_end) {
         load_query(groups[0], q_begin);
@@ -1337,24 +1338,17 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
             else
               block_dot_gradients<kBlock, false>(g, group, part_value, value_stride, s_begin, s_end, grads, grads_at);
           }
-        // one_scatter: the scatter after the dot products, over the whole query; otherwise level
-        // by level, with what is per sample.
-        constexpr bool kPerSampleDots = kBlock < 2;
-        const bool by_level = !one_scatter || (kPerSampleDots && want_dots);
-        if (!by_level) {
-          if (part_acc == own_rows)  // the copy's row -1 is spare_row
-            scatter_samples<true>(g, group, s_begin, s_end, part_acc, part_stride, static_cast<C*>(nullptr));
-          else
-            scatter_samples<false>(g, group, s_begin, s_end, part_acc, part_stride, spare_row);
-        }
-        for (std::int64_t l = l_begin, s = s_begin; by_level && l < l_end; ++l) {
+        // What is per sample, level by level (where there is any: not with one_scatter), then the
+        // branch-free scatter.
+        const bool per_sample_levels = !one_scatter || (kBlock < 2 && want_dots);
+        for (std::int64_t l = l_begin, s = s_begin; per_sample_levels && l < l_end; ++l) {
           const C H = static_cast<C>(p.height_f[l]), W = static_cast<C>(p.width_f[l]);
           C* const acc = level_acc(l);
           const bool owner = owner_part && row_sum(l) == RowSum::owner;
           const std::int64_t stride = acc_stride(l);
-          // A whole part's rows take the branch-free scatter after the level's samples; the
-          // per-sample loop is left with what is per sample: the dot products where they are not
-          // blocked, owner-computes' records, and banded parts' rows (which need a range check).
+          // A whole part's rows take the branch-free scatter below; the per-sample loop is left
+          // with what is per sample: the dot products where they are not blocked, owner-computes'
+          // records, and banded parts' rows (which need a range check).
           const bool banded_acc = acc && !whole_part;
           const bool per_sample = (kBlock < 2 && want_dots) || owner || banded_acc;
           const std::int64_t level_first = s;
@@ -1408,12 +1402,24 @@ void backward_kernel(const Params& p, const Scratch& scratch) {
               }
           }
           s = level_first + p.points[l];
-          if (acc && whole_part) {
-            if (acc == own_rows)  // the copy's row -1 is spare_row
-              scatter_samples<true>(g, group, level_first, s, acc, stride, static_cast<C*>(nullptr));
-            else
-              scatter_samples<false>(g, group, level_first, s, acc, stride, spare_row);
-          }
+        }
+        // The scatter of a whole part's rows: the query's samples in one run where every level
+        // adds into the same rows (one_scatter), else a run per level. One call site for each
+        // kind of accumulator, whatever the plan: two inlined copies could order a multiply-add's
+        // operands differently, and which NaN a sum of two NaNs keeps depends on that order, so
+        // a plan that changes with the thread count (levels per part) could change grad_value's
+        // NaN bits. Nothing per sample above reads or writes these rows (banded parts, which do,
+        // are never whole), so the sums' order is the same as level by level.
+        for (std::int64_t l = l_begin, s = s_begin; whole_part && l < l_end; ++l) {
+          const std::int64_t run_end = one_scatter ? s_end : s + p.points[l];
+          C* const acc = one_scatter ? part_acc : level_acc(l);
+          const std::int64_t stride = one_scatter ? part_stride : acc_stride(l);
+          if (acc == own_rows)  // the copy's row -1 is spare_row
+            scatter_samples<true>(g, group, s, run_end, acc, stride, static_cast<C*>(nullptr));
+          else if (acc)
+            scatter_samples<false>(g, group, s, run_end, acc, stride, spare_row);
+          s = run_end;
+          if (one_scatter) break;
         }
         // Discrete sampling: the pixel choice is piecewise constant, so no location gradient (the
         // dot products above formed one from the off-map corners' zeros).
